@@ -1,0 +1,81 @@
+"""A CLIP-compatible BPE tokenizer for the toy vocabulary.
+
+Writes vocab.json + merges.txt in the layout of openai/clip-vit-large-patch14's tokenizer, so
+transformers' CLIPTokenizer loads it unchanged, like the tokenizer of a real SD checkpoint:
+
+    vocab = the 256 byte symbols, the same 256 + "</w>" (end of word), one entry per merge,
+            then <|startoftext|>, <|endoftext|> (last two ids, as in CLIP: bos = V-2, eos = V-1)
+
+The merges are learned by plain BPE (Sennrich et al., 2016) on the toy words only: repeatedly
+merge the most frequent adjacent symbol pair (ties: smallest pair) until every word is a single
+symbol, so each toy word, and each reserved token (sks, zwx, ...), is one token "word</w>".
+Any other text still tokenizes, into byte symbols, as CLIP's does for rare words.
+
+    python -m train.tokenizer --out weights/tokenizer
+"""
+import argparse
+import json
+import os
+from collections import Counter
+
+from train.toyworld import vocabulary
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def byte_symbols():
+    """CLIP/GPT-2 byte -> printable unicode symbol map, in CLIP's vocabulary order."""
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("\u00a1"), ord("\u00ac") + 1))
+                 + list(range(ord("\u00ae"), ord("\u00ff") + 1)))
+    codes, extra = printable[:], 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in codes]
+
+
+def learn_merges(words):
+    """BPE merges (pairs of symbols, in rank order) that make each word one symbol."""
+    segmented = {w: tuple(w[:-1]) + (w[-1] + "</w>",) for w in words}
+    merges = []
+    while True:
+        pairs = Counter(p for s in segmented.values() if len(s) > 1 for p in zip(s, s[1:]))
+        if not pairs:
+            return merges
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        for w, s in segmented.items():
+            out, i = [], 0
+            while i < len(s):
+                if i + 1 < len(s) and (s[i], s[i + 1]) == best:
+                    out.append(s[i] + s[i + 1])
+                    i += 2
+                else:
+                    out.append(s[i])
+                    i += 1
+            segmented[w] = tuple(out)
+
+
+def build(out_dir, words=None):
+    """Write vocab.json and merges.txt into out_dir; returns the vocabulary (token -> id)."""
+    merges = learn_merges(words or vocabulary())
+    symbols = byte_symbols()
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [BOS, EOS]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    assert len(vocab) == len(tokens), "a merge produced an existing symbol"
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    with open(os.path.join(out_dir, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    return vocab
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="weights/tokenizer")
+    args = parser.parse_args()
+    vocab = build(args.out)
+    print(f"wrote {args.out}: {len(vocab)} tokens, {len(vocabulary())} toy words")

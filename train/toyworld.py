@@ -1,0 +1,289 @@
+"""The toy world: seeded, captioned 32x32 RGB scenes of simple shapes.
+
+The bundled tiny base model (weights/toy-sd.safetensors) is pretrained on this world, and the
+method (train.single, train.multi) is demonstrated on its *subjects*: patterned instances of
+known classes that never occur in pretraining, like the 3-5 photos of a dog in DreamBooth.
+
+Scene  = a plain background + one object (left / center / right) or two (left and right).
+Object = shape in {circle, square, triangle, star, heart}, filled with a named color, or, for a
+         subject, with its pattern (stripes, checkerboard, dots) in two colors.
+Caption grammar (pretraining):
+    one object : "a [COLOR] SHAPE [on the left | on the right | in the center]"
+    two objects: "a [COLOR] SHAPE on the left and a [COLOR] SHAPE on the right" (either order)
+Subject prompts replace the color by the subject's reserved token: "a sks star on the left".
+
+Rendering: polygons drawn at 4x (128x128) with PIL and box-downsampled to 32x32, which
+anti-aliases the edges. Scene i of a dataset depends only on (seed, i), so any part of a
+dataset can be re-rendered exactly.
+"""
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SIZE = 32
+SCALE = 4  # supersampling factor for anti-aliasing
+
+SHAPES = ("circle", "square", "triangle", "star", "heart")
+COLORS = {
+    "red": (220, 35, 35),
+    "orange": (250, 140, 20),
+    "yellow": (245, 225, 40),
+    "green": (35, 165, 55),
+    "blue": (35, 75, 225),
+    "purple": (145, 45, 195),
+}
+# plain, unnamed backgrounds: neutral tones that every object color stands out from
+BACKGROUNDS = {
+    "white": (240, 240, 240),
+    "light gray": (185, 185, 185),
+    "dark gray": (75, 75, 75),
+    "black": (20, 20, 20),
+}
+POSITIONS = ("left", "center", "right")
+POSITION_X = {"left": 9.0, "center": 16.0, "right": 23.0}  # slot centers in pixels
+POSITION_PHRASE = {"left": "on the left", "center": "in the center", "right": "on the right"}
+# rare tokens never used in pretraining; subjects are referred to by them ("a sks star")
+RESERVED_TOKENS = ("sks", "zwx", "qvr", "xjy", "vkq")
+# words that prompts of the other commands use, kept as single tokens (not pretrained)
+EXTRA_WORDS = ("photo", "of", "picture", "beside", "next", "to", "sitting", "with")
+
+
+@dataclass(frozen=True)
+class Subject:
+    """A patterned instance of a known class, e.g. the sks star (orange and purple stripes)."""
+    name: str
+    token: str                  # reserved token that prompts use: "a sks star"
+    shape: str                  # class word
+    pattern: str                # "stripes" | "checker" | "dots"
+    colors: tuple[str, str]     # pattern colors (keys of COLORS, or "white")
+
+
+SUBJECTS = {s.name: s for s in (
+    Subject("striped_star", "sks", "star", "stripes", ("orange", "purple")),
+    Subject("checker_star", "zwx", "star", "checker", ("blue", "yellow")),
+    Subject("checker_circle", "qvr", "circle", "checker", ("red", "white")),
+    Subject("dotted_heart", "xjy", "heart", "dots", ("green", "white")),
+)}
+PATTERNS = ("plain",) + tuple(SUBJECTS)   # what the evaluator reads per object
+
+
+def rgb(name):
+    return (255, 255, 255) if name == "white" else COLORS[name]
+
+
+@dataclass(frozen=True)
+class Object:
+    shape: str
+    position: str               # "left" | "center" | "right"
+    x: float                    # center, pixels in the 32x32 frame
+    y: float
+    size: float                 # bounding diameter, pixels
+    color: str | None = None    # named fill; None for a subject
+    subject: str | None = None  # key of SUBJECTS
+
+    @property
+    def pattern(self):
+        return self.subject or "plain"
+
+    def phrase(self, with_color=True):
+        """'a red star', 'a star', 'a sks star'."""
+        if self.subject:
+            return f"a {SUBJECTS[self.subject].token} {self.shape}"
+        if not with_color:
+            return f"a {self.shape}"
+        return f"{'an' if self.color[0] in 'aeiou' else 'a'} {self.color} {self.shape}"
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[Object, ...]   # one, or two ordered (left, right)
+    background: str
+    caption: str
+
+
+# ---------------------------------------------------------------- geometry
+
+def _star(n=5, inner=0.45):
+    return [(math.sin(math.pi * k / n) * (1 if k % 2 == 0 else inner),
+             -math.cos(math.pi * k / n) * (1 if k % 2 == 0 else inner)) for k in range(2 * n)]
+
+
+def _heart(n=48):
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    x = 16 * np.sin(t) ** 3
+    y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
+    x, y = x / 17.0, (y + 2.5) / 15.0   # fit the unit box, centered
+    return list(zip(x.tolist(), y.tolist()))
+
+
+# outlines in unit coordinates (half-size 1, y down); the circle is drawn as an ellipse
+OUTLINES = {
+    "square": [(-0.82, -0.82), (0.82, -0.82), (0.82, 0.82), (-0.82, 0.82)],
+    "triangle": [(0.0, -1.0), (1.0, 0.8), (-1.0, 0.8)],
+    "star": _star(),
+    "heart": _heart(),
+}
+
+
+def _mask(obj):
+    """Object silhouette at 4x: L image (SIZE*SCALE)^2, 255 inside."""
+    mask = Image.new("L", (SIZE * SCALE, SIZE * SCALE), 0)
+    draw = ImageDraw.Draw(mask)
+    cx, cy, r = obj.x * SCALE, obj.y * SCALE, obj.size * SCALE / 2
+    if obj.shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+    else:
+        draw.polygon([(cx + r * u, cy + r * v) for u, v in OUTLINES[obj.shape]], fill=255)
+    return mask
+
+
+def _fill(obj):
+    """Object fill at 4x: RGB image, a flat color or the subject's pattern."""
+    n = SIZE * SCALE
+    if obj.subject is None:
+        return Image.new("RGB", (n, n), rgb(obj.color))
+    subject = SUBJECTS[obj.subject]
+    a, b = (np.array(rgb(c), dtype=np.uint8) for c in subject.colors)
+    # pattern in object coordinates, so it moves and scales with the object
+    u = (np.arange(n)[None, :] / SCALE - obj.x) / obj.size
+    v = (np.arange(n)[:, None] / SCALE - obj.y) / obj.size
+    if subject.pattern == "stripes":    # horizontal bands, 4 per object height
+        first = np.floor(v * 4 + 0.5).astype(int) % 2 == 0
+        first = np.broadcast_to(first, (n, n))
+    elif subject.pattern == "checker":  # 3.5 cells across
+        first = (np.floor(u * 3.5 + 0.5) + np.floor(v * 3.5 + 0.5)).astype(int) % 2 == 0
+    elif subject.pattern == "dots":     # light dots on a dark field
+        du, dv = (u * 3.2) % 1 - 0.5, (v * 3.2) % 1 - 0.5
+        first = du ** 2 + dv ** 2 > 0.09
+    else:
+        raise ValueError(f"unknown pattern {subject.pattern!r}")
+    return Image.fromarray(np.where(first[..., None], a, b))
+
+
+def render(scene):
+    """Scene -> uint8 array (SIZE, SIZE, 3)."""
+    n = SIZE * SCALE
+    image = Image.new("RGB", (n, n), BACKGROUNDS[scene.background])
+    for obj in scene.objects:
+        image = Image.composite(_fill(obj), image, _mask(obj))
+    return np.asarray(image.resize((SIZE, SIZE), Image.BOX))
+
+
+# ---------------------------------------------------------------- sampling scenes
+
+def _object(rng, position, two, color=None, shape=None, subject=None):
+    # sizes and jitter keep two objects apart and inside the frame
+    size = rng.uniform(10, 12.5) if two else rng.uniform(11, 16)
+    return Object(shape=shape or SHAPES[rng.integers(len(SHAPES))], position=position,
+                  x=POSITION_X[position] + rng.uniform(-1, 1), y=16 + rng.uniform(-3, 3),
+                  size=size, color=None if subject else (color or _pick(rng, COLORS)),
+                  subject=subject)
+
+
+def _pick(rng, names):
+    names = list(names)
+    return names[rng.integers(len(names))]
+
+
+def _caption(rng, objects, p_no_color):
+    if len(objects) == 1:
+        obj = objects[0]
+        text = obj.phrase(with_color=rng.random() >= p_no_color)
+        # an unplaced object: the caption says nothing about where it is
+        return text if rng.random() < 0.4 else f"{text} {POSITION_PHRASE[obj.position]}"
+    parts = [f"{o.phrase(with_color=rng.random() >= p_no_color / 2)} {POSITION_PHRASE[o.position]}"
+             for o in objects]
+    if rng.random() < 0.5:
+        parts.reverse()
+    return " and ".join(parts)
+
+
+def sample_scene(rng, p_two=0.5, p_no_color=0.15, subjects=()):
+    """A random pretraining scene; with `subjects` (names), objects may also be those subjects
+    (only for the evaluator's training data: pretraining never sees a subject)."""
+    two = rng.random() < p_two
+    positions = ("left", "right") if two else (_pick(rng, POSITIONS),)
+    objects = []
+    for position in positions:
+        if subjects and rng.random() < 0.4:
+            subject = SUBJECTS[_pick(rng, subjects)]
+            objects.append(_object(rng, position, two, shape=subject.shape, subject=subject.name))
+        else:
+            objects.append(_object(rng, position, two))
+    objects = tuple(objects)
+    return Scene(objects, _pick(rng, BACKGROUNDS), _caption(rng, objects, p_no_color))
+
+
+def scene_rng(seed, index):
+    """The generator of scene `index` of the dataset `seed`."""
+    return np.random.default_rng([seed, index])
+
+
+def dataset(n, seed, start=0, **kwargs):
+    """Scenes start..start+n-1 of dataset `seed`: (images uint8 (n, 32, 32, 3), scenes)."""
+    scenes = [sample_scene(scene_rng(seed, i), **kwargs) for i in range(start, start + n)]
+    return np.stack([render(s) for s in scenes]), scenes
+
+
+def subject_scene(name, rng, position=None, other=None):
+    """One varied render of a subject (position, size, background vary); with `other` (an
+    Object or a subject name) a two-object scene, the subject on `position` ("left"/"right")."""
+    subject = SUBJECTS[name]
+    if other is None:
+        position = position or _pick(rng, POSITIONS)
+        obj = _object(rng, position, False, shape=subject.shape, subject=name)
+        caption = f"{obj.phrase()} {POSITION_PHRASE[position]}"
+        return Scene((obj,), _pick(rng, BACKGROUNDS), caption)
+    position = position or _pick(rng, ("left", "right"))
+    other_position = "right" if position == "left" else "left"
+    obj = _object(rng, position, True, shape=subject.shape, subject=name)
+    if isinstance(other, str):
+        second = _object(rng, other_position, True, shape=SUBJECTS[other].shape, subject=other)
+    else:
+        second = _object(rng, other_position, True, color=other.color, shape=other.shape)
+    objects = tuple(sorted((obj, second), key=lambda o: o.x))
+    caption = " and ".join(f"{o.phrase()} {POSITION_PHRASE[o.position]}" for o in (obj, second))
+    return Scene(objects, _pick(rng, BACKGROUNDS), caption)
+
+
+def subject_images(name, n=5, seed=0):
+    """The subject's 'photos': n varied renders and their captions, like DreamBooth's 3-5."""
+    rng = np.random.default_rng([seed, 7919, list(SUBJECTS).index(name)])
+    scenes = [subject_scene(name, rng, position=POSITIONS[i % 3]) for i in range(n)]
+    return np.stack([render(s) for s in scenes]), [s.caption for s in scenes]
+
+
+def vocabulary():
+    """Every word a toy prompt uses, each of which the tokenizer keeps as one token."""
+    words = ["a", "an", "and", "on", "the", "in", *POSITIONS, *SHAPES, "white"]
+    for name in list(COLORS) + list(BACKGROUNDS):
+        words += name.split()
+    words += [*RESERVED_TOKENS, *EXTRA_WORDS]
+    return sorted(set(words))
+
+
+def grid(images, columns=8):
+    """uint8 (n, h, w, 3) -> one uint8 image, row-major, 1 px gutters."""
+    n, h, w, _ = images.shape
+    rows = -(-n // columns)
+    out = np.full((rows * (h + 1) + 1, columns * (w + 1) + 1, 3), 255, np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        out[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + c * (w + 1):1 + c * (w + 1) + w] = image
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="write a preview grid of the toy world")
+    parser.add_argument("--out", default="toyworld.png")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    images, scenes = dataset(32, args.seed)
+    subjects = np.concatenate([subject_images(name, 8)[0] for name in SUBJECTS])
+    image = Image.fromarray(grid(np.concatenate([images, subjects])))
+    image.resize((image.width * 4, image.height * 4), Image.NEAREST).save(args.out)
+    for s in scenes:
+        print(s.caption)
