@@ -1,0 +1,145 @@
+"""train/data.py: reading the user's images, augmentation, latent batches, class images, logs."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from train.data import (DataError, ImageSet, TrainingLog, ensure_class_images, plot_losses,
+                        read_images, to_rgb)
+
+
+def write_png(path, size=(20, 12), mode="RGB", color=(200, 10, 10)):
+    Image.new(mode, size, color).save(path)
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+def test_missing_empty_and_unreadable_dirs(tmp_path):
+    with pytest.raises(DataError, match="no such directory"):
+        read_images(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty"):
+        read_images(tmp_path / "empty")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("not a picture")
+    (tmp_path / "junk" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    with pytest.raises(DataError, match="none of its 2 files is a readable image"):
+        read_images(tmp_path / "junk")
+
+
+def test_unreadable_files_are_skipped_with_a_warning(tmp_path, capsys):
+    write_png(tmp_path / "b.png")
+    (tmp_path / "a.txt").write_text("hello")
+    (tmp_path / ".DS_Store").write_bytes(b"\0\1")  # hidden: ignored silently
+    images = read_images(tmp_path)
+    assert len(images) == 1 and images[0].mode == "RGB" and images[0].size == (20, 12)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "skipping a.txt" in err and "DS_Store" not in err
+
+
+def test_modes_become_rgb():
+    rgba = Image.new("RGBA", (2, 1), (10, 20, 30, 255))
+    rgba.putpixel((1, 0), (10, 20, 30, 0))          # transparent -> white background
+    assert [to_rgb(rgba).getpixel((x, 0)) for x in (0, 1)] == [(10, 20, 30), (255, 255, 255)]
+    gray = to_rgb(Image.new("L", (3, 3), 77))
+    assert gray.mode == "RGB" and gray.getpixel((1, 1)) == (77, 77, 77)
+    palette = Image.new("P", (2, 2), 0)
+    palette.putpalette([5, 6, 7] * 256)
+    assert to_rgb(palette).getpixel((0, 0)) == (5, 6, 7)
+    deep = Image.fromarray(np.full((2, 2), 40000, np.uint16))  # 16-bit gray: scaled, not saturated
+    assert to_rgb(deep).getpixel((0, 0)) == (156, 156, 156)
+
+
+# --- augmentation and latents -----------------------------------------------------------------
+
+def gradient_image(width, height):
+    """A horizontal ramp: each column has its own value, so crops and flips are identifiable."""
+    ramp = np.tile(np.linspace(0, 255, width).astype(np.uint8)[None, :, None], (height, 1, 3))
+    return Image.fromarray(ramp)
+
+
+def test_odd_sizes_are_resized_and_cropped_square():
+    images = ImageSet([gradient_image(60, 30), gradient_image(30, 30)], resolution=16)
+    assert [im.size for im in images.images] == [(32, 16), (16, 16)]
+    centre = images.crop(0, None)
+    assert centre.shape == (3, 16, 16) and -1 <= centre.min() and centre.max() <= 1
+    # the centre crop of a wide ramp is its middle: columns 8..23 of the 32 resized ones
+    full = torch.from_numpy(np.asarray(images.images[0], np.float32) / 127.5 - 1).permute(2, 0, 1)
+    torch.testing.assert_close(centre, full[:, :, 8:24])
+    seen = set()
+    for seed in range(40):
+        crop = images.crop(0, torch.Generator().manual_seed(seed))
+        matches = [o for o in range(17) if torch.equal(crop, full[:, :, o:o + 16])]
+        flipped = [o for o in range(17) if torch.equal(crop, full[:, :, o:o + 16].flip(-1))]
+        assert len(matches) + len(flipped) >= 1  # every crop is a window, maybe mirrored
+        seen.add((bool(matches), (matches or flipped)[0]))
+    assert len(seen) > 10  # offsets and flips both vary
+
+
+def test_small_images_are_upscaled_with_a_warning(capsys):
+    ImageSet([Image.new("RGB", (8, 8))], resolution=16)
+    assert "smaller than --resolution 16" in capsys.readouterr().err
+
+
+def fake_encode(pixels):
+    """Stand-in VAE: mean = 2x2 average pool of the first channel repeated to 4, std 0.5."""
+    mean = torch.nn.functional.avg_pool2d(pixels[:, :1], 2).repeat(1, 4, 1, 1)
+    return mean, torch.full_like(mean, 0.5)
+
+
+def test_latent_batches_are_a_function_of_the_generator():
+    images = ImageSet([gradient_image(40, 32), gradient_image(32, 32), gradient_image(32, 50)], 32)
+    batch = lambda seed: images.latents(4, torch.Generator().manual_seed(seed), fake_encode, 0.18)
+    a, b, c = batch(1), batch(1), batch(2)
+    assert a.shape == (4, 4, 16, 16)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_latent_cache_holds_centre_crop_and_mirror():
+    images = ImageSet([gradient_image(48, 32)], 32)
+    images.build_cache(fake_encode)
+    centre = images.crop(0, None)[None]
+    plain, mirrored = images.cache[0]
+    torch.testing.assert_close(plain.mean, fake_encode(centre)[0][0])
+    torch.testing.assert_close(mirrored.mean, fake_encode(centre.flip(-1))[0][0])
+    latents = images.latents(8, torch.Generator().manual_seed(0), fake_encode, 1.0)
+    # every latent is one of the two cached means plus 0.5 * N(0, 1) noise
+    for latent in latents:
+        distances = [(latent - m.mean).abs().mean() for m in (plain, mirrored)]
+        assert min(distances) < 0.6
+
+
+# --- class images -----------------------------------------------------------------------------
+
+def test_class_images_are_generated_once_and_reused(tmp_path):
+    calls = []
+
+    def generate(prompts, seeds):
+        calls.append(list(seeds))
+        return [Image.new("RGB", (8, 8), (s, 0, 0)) for s in seeds]
+
+    images = ensure_class_images(tmp_path, 3, "a star", generate, batch_size=2, seed=10, progress=False)
+    assert calls == [[10, 11], [12]] and len(images) == 3
+    assert ensure_class_images(tmp_path, 3, "a star", generate, 2, 10, False) and len(calls) == 2
+    images = ensure_class_images(tmp_path, 5, "a star", generate, 4, 10, False)
+    assert calls[2:] == [[13, 14]] and [im.getpixel((0, 0))[0] for im in images] == [10, 11, 12, 13, 14]
+    assert not list(tmp_path.glob(".*tmp"))
+    with pytest.raises(DataError, match="holds images for the class prompt 'a star'"):
+        ensure_class_images(tmp_path, 3, "a dog", generate, 2, 10, False)
+
+
+# --- log and plot -----------------------------------------------------------------------------
+
+def test_log_drops_rows_after_the_resumed_step_and_plot_draws(tmp_path):
+    log = TrainingLog(tmp_path / "log.csv")
+    for step in range(1, 6):
+        log.append(step=step, loss=1 / step, instance_loss=1, prior_loss=0, lr=1e-3, seconds=0.1)
+    resumed = TrainingLog(tmp_path / "log.csv", resume_step=3)
+    assert resumed.column("step") == [1, 2, 3]
+    resumed.append(step=4, loss=0.2, instance_loss=1, prior_loss=0, lr=1e-3, seconds=0.1)
+    assert TrainingLog(tmp_path / "log.csv", resume_step=99).column("step") == [1, 2, 3, 4]
+    plot_losses(list(range(50)), [1 / (i + 1) for i in range(49)] + [float("nan")], tmp_path / "loss.png")
+    plot = np.asarray(Image.open(tmp_path / "loss.png"))
+    assert plot.shape == (400, 640, 3)
+    assert ((plot[..., 2] > 150) & (plot[..., 0] < 80)).sum() > 100  # the blue curve is there
