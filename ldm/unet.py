@@ -132,8 +132,9 @@ class Attention(nn.Module):
         q, k, v = (t.view(B, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2)
                    for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
         dtype = q.dtype
-        if self.upcast:
-            q, k, v = q.float(), k.float(), v.float()
+        if self.upcast:  # at least fp32 (a float64 model stays float64)
+            wide = torch.promote_types(dtype, torch.float32)
+            q, k, v = q.to(wide), k.to(wide), v.to(wide)
         if self.attention_probe is None:
             out = F.scaled_dot_product_attention(q, k, v)
         else:

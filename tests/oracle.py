@@ -74,11 +74,29 @@ def diffusers_vae_config(config: VAEConfig) -> dict:
         raise ValueError("diffusers' AutoencoderKL has no attention inside VAE levels")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = sfu.create_vae_diffusers_config_from_ldm(_original_config(vae=config), None,
+        out = sfu.create_vae_diffusers_config_from_ldm(_original_config(vae=config), {},
                                                        image_size=config.resolution)
     if config.embed_dim != config.z_channels:
         raise ValueError("diffusers' AutoencoderKL needs embed_dim == z_channels")
     return out
+
+
+def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random weights everywhere, in place: zero-initialized output layers and unit norms would
+    hide mistakes. Norm scales 1 + 0.1 N(0, 1) and weights N(0, 1/fan_in) keep activations
+    O(1), so float32 rounding is not amplified layer after layer."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            for name, p in m.named_parameters(recurse=False):
+                noise = torch.randn(p.shape, generator=g)
+                if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and name == "weight":
+                    p.copy_(1 + 0.1 * noise)
+                elif p.ndim == 1:
+                    p.copy_(0.1 * noise)
+                else:
+                    p.copy_(noise / p[0].numel() ** 0.5)
+    return module
 
 
 def checkpoint_state_dict(module: torch.nn.Module, prefix: str) -> dict:

@@ -5,7 +5,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from ldm.unet import Attention, UNetConfig, UNetModel
-from oracle import convert_unet, diffusers_unet, diffusers_unet_config, UNET_PREFIX
+from oracle import UNET_PREFIX, convert_unet, diffusers_unet, diffusers_unet_config, randomize
 
 TOL = 1e-5
 
@@ -22,15 +22,6 @@ TINY = {  # name -> config; widths are multiples of 32 (GroupNorm groups)
 }
 
 
-def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random weights everywhere (zero-init layers and unit norms would hide mistakes)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2 / max(1, p[0].numel()) ** 0.25)
-    return module
-
-
 def inputs(config: UNetConfig, batch: int = 2, size: int = 16, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, config.in_channels, size, size, generator=g)
@@ -39,19 +30,22 @@ def inputs(config: UNetConfig, batch: int = 2, size: int = 16, seed: int = 1):
     return x, t, context
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name", list(TINY))
-def test_matches_diffusers(name):
+def test_matches_diffusers(name, dtype):
+    """fp32 within 1e-5; float64 to rounding (1e-12), which leaves no room for a real mistake."""
     config = TINY[name]
     ours = randomize(UNetModel(config)).eval()
     theirs = diffusers_unet(ours)
-    x, t, context = inputs(config)
+    ours, theirs = ours.to(dtype), theirs.to(dtype)
+    x, t, context = (v.to(dtype) if v.is_floating_point() else v for v in inputs(config))
     with torch.no_grad():
         a = ours(x, t, context)
         b = theirs(x, t, encoder_hidden_states=context).sample
     diff = (a - b).abs().max().item()
-    print(f"{name}: max abs diff {diff:.2e} (output std {b.std():.2f})")
+    print(f"{name} {dtype}: max abs diff {diff:.2e} (output std {b.std():.2f})")
     assert a.shape == (2, config.out_channels, 16, 16)
-    assert diff <= TOL
+    assert diff <= (TOL if dtype == torch.float32 else 1e-12)
 
 
 def test_float_timesteps_and_scalar():
