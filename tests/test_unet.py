@@ -123,3 +123,20 @@ def test_gradient_checkpointing_same_grads():
     checkpointed = grads()
     for a, b in zip(plain, checkpointed):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_upcast_attention_in_bfloat16():
+    """upcast_attention: probabilities in fp32 inside a bf16 model, output back in bf16."""
+    config = TINY["sd2_linear_head_channels"]
+    model = randomize(UNetModel(config)).eval()
+    x, t, context = inputs(config)
+    with torch.no_grad():
+        reference = model(x, t, context)
+        model.to(torch.bfloat16)
+        dtypes = set()
+        for m in model.modules():
+            if isinstance(m, Attention):
+                m.attention_probe = lambda module, probs: dtypes.add(probs.dtype)
+        out = model(x.bfloat16(), t, context.bfloat16())
+    assert dtypes == {torch.float32} and out.dtype == torch.bfloat16
+    assert (out.float() - reference).abs().max() < 0.1 * reference.abs().max()
