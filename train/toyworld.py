@@ -82,6 +82,7 @@ class Object:
     size: float                 # bounding diameter, pixels
     color: str | None = None    # named fill; None for a subject
     subject: str | None = None  # key of SUBJECTS
+    texture: Subject | None = None  # an anonymous pattern (only in the VAE's training data)
 
     @property
     def pattern(self):
@@ -142,9 +143,9 @@ def _mask(obj):
 def _fill(obj):
     """Object fill at 4x: RGB image, a flat color or the subject's pattern."""
     n = SIZE * SCALE
-    if obj.subject is None:
+    subject = SUBJECTS[obj.subject] if obj.subject else obj.texture
+    if subject is None:
         return Image.new("RGB", (n, n), rgb(obj.color))
-    subject = SUBJECTS[obj.subject]
     a, b = (np.array(rgb(c), dtype=np.uint8) for c in subject.colors)
     # pattern in object coordinates, so it moves and scales with the object
     u = (np.arange(n)[None, :] / SCALE - obj.x) / obj.size
@@ -225,6 +226,27 @@ def dataset(n, seed, start=0, **kwargs):
     """Scenes start..start+n-1 of dataset `seed`: (images uint8 (n, 32, 32, 3), scenes)."""
     scenes = [sample_scene(scene_rng(seed, i), **kwargs) for i in range(start, start + n)]
     return np.stack([render(s) for s in scenes]), scenes
+
+
+def texture_scene(rng):
+    """A scene whose objects may carry random two-color patterns (not the subjects'): the
+    VAE, a generic image codec like SD's, learns to encode patterns; the diffusion model never
+    sees them."""
+    scene = sample_scene(rng)
+    objects = []
+    for obj in scene.objects:
+        if rng.random() < 0.6:
+            colors = tuple(rng.choice(list(COLORS) + ["white"], size=2, replace=False).tolist())
+            pattern = _pick(rng, ("stripes", "checker", "dots"))
+            obj = Object(obj.shape, obj.position, obj.x, obj.y, obj.size, obj.color,
+                         texture=Subject("texture", "", obj.shape, pattern, colors))
+        objects.append(obj)
+    return Scene(tuple(objects), scene.background, scene.caption)
+
+
+def texture_dataset(n, seed):
+    """The VAE's training images: uint8 (n, 32, 32, 3)."""
+    return np.stack([render(texture_scene(scene_rng(seed, i))) for i in range(n)])
 
 
 def subject_scene(name, rng, position=None, other=None):

@@ -1,0 +1,96 @@
+"""The toy world: deterministic for a seed, captions say what is drawn (read back by the
+evaluator's reader, an independent model trained on other renders), subjects as specified."""
+import numpy as np
+
+from train import toyworld
+from train.evaluate import accuracy, read
+
+
+def test_deterministic_for_a_seed():
+    a, scenes_a = toyworld.dataset(24, seed=3)
+    b, scenes_b = toyworld.dataset(24, seed=3)
+    c, _ = toyworld.dataset(24, seed=4)
+    assert a.shape == (24, 32, 32, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b) and [s.caption for s in scenes_a] == [s.caption for s in scenes_b]
+    assert not np.array_equal(a, c)
+    # scene i depends on (seed, i) only: a slice re-renders exactly
+    d, _ = toyworld.dataset(4, seed=3, start=10)
+    assert np.array_equal(a[10:14], d)
+    s1, c1 = toyworld.subject_images("striped_star", 5, seed=0)
+    s2, c2 = toyworld.subject_images("striped_star", 5, seed=0)
+    assert np.array_equal(s1, s2) and c1 == c2
+
+
+def test_captions_follow_the_grammar():
+    _, scenes = toyworld.dataset(300, seed=5)
+    words = set(toyworld.vocabulary())
+    for s in scenes:
+        assert set(s.caption.split()) <= words
+        assert len(s.caption.split(" and ")) == len(s.objects)
+        assert all(o.subject is None for o in s.objects)        # pretraining never shows a subject
+        for o in s.objects:
+            assert o.shape in s.caption
+    assert {len(s.objects) for s in scenes} == {1, 2}
+    assert any("on the left and" in s.caption for s in scenes)
+    assert any("on the right and" in s.caption for s in scenes)
+
+
+def test_subjects():
+    classes = [s.shape for s in toyworld.SUBJECTS.values()]
+    assert any(classes.count(c) >= 2 for c in classes)           # two of one class: Cut-Mix-Unmix
+    tokens = {s.token for s in toyworld.SUBJECTS.values()}
+    assert tokens <= set(toyworld.RESERVED_TOKENS)
+    for name, subject in toyworld.SUBJECTS.items():
+        images, captions = toyworld.subject_images(name, 6)
+        assert images.shape == (6, 32, 32, 3)
+        assert all(c.startswith(f"a {subject.token} {subject.shape}") for c in captions)
+        assert len({tuple(im.reshape(-1)[:64]) for im in images}) == 6  # varied renders
+        # two colors of its pattern are both present
+        for color in subject.colors:
+            target = np.array(toyworld.rgb(color))
+            assert (np.abs(images.astype(int) - target).sum(-1) < 30).any()
+
+
+def test_captions_match_the_drawn_scene():
+    """The evaluator reads clean renders (a seed no model was trained on) as their captions say."""
+    images, scenes = toyworld.dataset(300, seed=20240)
+    acc = accuracy([s.caption for s in scenes], read(images))
+    assert acc["all"] >= 0.95, acc
+    rng = np.random.default_rng(0)
+    names = list(toyworld.SUBJECTS)
+    scenes = [toyworld.subject_scene(names[i % len(names)], rng) for i in range(100)]
+    acc = accuracy([s.caption for s in scenes], read(np.stack([toyworld.render(s) for s in scenes])))
+    assert acc["all"] >= 0.95, acc
+
+
+def test_tokenizer_round_trips_the_vocabulary(tmp_path):
+    """transformers' CLIPTokenizer loads the generated files; each toy word and reserved token
+    is exactly one token "word</w>" and decodes back; CLIP's special-token layout holds."""
+    import json
+    import os
+
+    from transformers import CLIPTokenizer
+
+    from train.tokenizer import build
+
+    vocab = build(str(tmp_path))
+    tokenizer = CLIPTokenizer.from_pretrained(str(tmp_path))
+    assert len(tokenizer) == len(vocab)
+    assert tokenizer.bos_token_id == len(vocab) - 2 and tokenizer.eos_token_id == len(vocab) - 1
+    for word in toyworld.vocabulary():
+        ids = tokenizer(word, add_special_tokens=False).input_ids
+        assert ids == [vocab[word + "</w>"]], word
+        assert tokenizer.decode(ids).strip() == word
+    for token in toyworld.RESERVED_TOKENS:
+        assert len(tokenizer(token, add_special_tokens=False).input_ids) == 1
+    caption = "a red star on the left and an orange circle on the right"
+    ids = tokenizer(caption).input_ids
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+    assert len(ids) == len(caption.split()) + 2
+    assert tokenizer.decode(ids, skip_special_tokens=True).strip() == caption
+    # words outside the vocabulary still tokenize (into byte symbols), as CLIP's rare words do
+    assert len(tokenizer("dog", add_special_tokens=False).input_ids) > 1
+    # the bundled tokenizer is this one
+    bundled = os.path.join(os.path.dirname(__file__), "..", "weights", "tokenizer", "vocab.json")
+    with open(bundled) as f:
+        assert json.load(f) == vocab

@@ -1,0 +1,313 @@
+"""Read generated toy-world images: which shape, color, pattern and position each shows.
+
+The reader is a small CNN trained only on toy-world renders (train/toyworld.py), subjects
+included, with noise, blur and color jitter so that it also reads imperfect generated images.
+It looks at three slots (left, center, right) and says, per slot:
+
+    shape   in {none, circle, square, triangle, star, heart}     (none: the slot is empty)
+    color   in COLORS                                            (the fill, for plain objects)
+    pattern in {plain, striped_star, checker_star, ...}          (plain, or which subject)
+
+so an image reads as a list of objects [(position, shape, color, pattern)], left to right.
+From the readings:
+
+    prompt following = share of samples whose objects match the prompt (shape and color of
+                       each object, in the right slot when the prompt names one)
+    subject fidelity = share of "a sks star" samples that show the subject (pattern == subject)
+    prior drift      = share of "a star" samples that show the subject
+
+    python -m train.evaluate                          # the bundled model, quality-bar table
+    python -m train.evaluate --model PATH --samples 100 --steps 25 --guidance 4
+    python -m train.evaluate --train-reader           # retrain weights/evaluator.safetensors
+"""
+import argparse
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from train import toyworld
+
+SLOTS = toyworld.POSITIONS                       # ("left", "center", "right")
+SHAPES = ("none",) + toyworld.SHAPES
+COLORS = tuple(toyworld.COLORS)
+PATTERNS = toyworld.PATTERNS
+HEADS = (len(SHAPES), len(COLORS), len(PATTERNS))
+READER_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "weights", "evaluator.safetensors")
+
+
+class Reader(nn.Module):
+    """images (B, 3, 32, 32) in [-1, 1] -> logits per slot: shape (B, 3, 6), color (B, 3, 6),
+    pattern (B, 3, len(PATTERNS))."""
+
+    def __init__(self, width=32):
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            nn.Conv2d(3, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),          # 16x16
+            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),      # 8x8
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 4x4
+        )
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(2 * w * 16, 128), nn.ReLU(),
+                                  nn.Linear(128, len(SLOTS) * sum(HEADS)))
+
+    def forward(self, x):
+        out = self.head(self.features(x)).view(len(x), len(SLOTS), sum(HEADS))
+        return out.split(HEADS, dim=-1)
+
+
+# ---------------------------------------------------------------- training data for the reader
+
+def labels(scene):
+    """Scene -> LongTensor (3 slots, 3 heads): shape, color, pattern ids; -1 = no label."""
+    out = torch.full((len(SLOTS), 3), -1, dtype=torch.long)
+    out[:, 0] = 0                                  # empty unless an object sits there
+    for obj in scene.objects:
+        slot = SLOTS.index(obj.position)
+        out[slot, 0] = SHAPES.index(obj.shape)
+        out[slot, 1] = COLORS.index(obj.color) if obj.color else -1
+        out[slot, 2] = PATTERNS.index(obj.pattern)
+    return out
+
+
+def reader_data(n, seed):
+    """n renders with subjects among the objects: (images float (n, 3, 32, 32), labels (n, 3, 3))."""
+    scenes = [toyworld.sample_scene(toyworld.scene_rng(seed, i), subjects=tuple(toyworld.SUBJECTS))
+              for i in range(n)]
+    images = np.stack([toyworld.render(s) for s in scenes])
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return x, torch.stack([labels(s) for s in scenes])
+
+
+def augment(x, g):
+    """Imperfections of generated images: noise, blur, brightness/color shifts, 1 px shifts."""
+    b = len(x)
+    x = x * (1 + 0.1 * torch.randn(b, 1, 1, 1, generator=g)) + 0.08 * torch.randn(b, 3, 1, 1, generator=g)
+    blur = torch.tensor([1.0, 2.0, 1.0])
+    kernel = (blur[:, None] * blur[None, :] / 16).expand(3, 1, 3, 3)
+    blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel, groups=3)
+    x = torch.where(torch.rand(b, 1, 1, 1, generator=g) < 0.3, blurred, x)
+    dx, dy = torch.randint(-1, 2, (2,), generator=g).tolist()
+    x = torch.roll(x, (dy, dx), dims=(2, 3))
+    return x + torch.rand(b, 1, 1, 1, generator=g) * 0.06 * torch.randn(x.shape, generator=g)
+
+
+def loss_fn(logits, y):
+    return sum(F.cross_entropy(l.reshape(-1, l.shape[-1]), y[..., k].reshape(-1), ignore_index=-1)
+               for k, l in enumerate(logits))
+
+
+def train_reader(n=12000, epochs=4, batch=128, seed=1234, path=READER_PATH):
+    """Train the reader on renders (dataset seed distinct from pretraining's) and save it."""
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+    torch.manual_seed(seed)
+    x, y = reader_data(n, seed)
+    reader = Reader()
+    opt = torch.optim.AdamW(reader.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(seed)
+    steps = epochs * (n // batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
+    bar = tqdm(range(steps), desc="reader")
+    for step in bar:
+        index = torch.randint(n, (batch,), generator=g)
+        loss = loss_fn(reader(augment(x[index], g)), y[index])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_file({k: v.contiguous() for k, v in reader.state_dict().items()}, path,
+              {"trained_on": f"toyworld.sample_scene seed {seed}, n {n}, epochs {epochs}"})
+    return reader.eval()
+
+
+def load_reader(path=READER_PATH):
+    from safetensors.torch import load_file
+    reader = Reader()
+    reader.load_state_dict(load_file(path))
+    return reader.eval()
+
+
+# ---------------------------------------------------------------- reading images
+
+@torch.no_grad()
+def read(images, reader=None):
+    """uint8 (n, 32, 32, 3) -> per image a list of objects, left to right:
+    [{"position", "shape", "color", "pattern"}]; color is None for a subject."""
+    reader = reader or load_reader()
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    shape, color, pattern = (l.argmax(-1) for l in reader(x))
+    out = []
+    for i in range(len(images)):
+        objects = []
+        for s, slot in enumerate(SLOTS):
+            if shape[i, s] == 0:
+                continue
+            p = PATTERNS[pattern[i, s]]
+            objects.append(dict(position=slot, shape=SHAPES[shape[i, s]], pattern=p,
+                                color=COLORS[color[i, s]] if p == "plain" else None))
+        out.append(objects)
+    return out
+
+
+def parse(prompt):
+    """Toy prompt -> the objects it asks for: [{"position" or None, "shape", "color" or None,
+    "pattern" or None}] (None: not specified)."""
+    tokens = {s.token: name for name, s in toyworld.SUBJECTS.items()}
+    wanted = []
+    for part in prompt.split(" and "):
+        words = part.split()
+        obj = dict(position=None, shape=None, color=None, pattern=None)
+        for w in words:
+            if w in toyworld.SHAPES:
+                obj["shape"] = w
+            elif w in toyworld.COLORS:
+                obj["color"], obj["pattern"] = w, "plain"
+            elif w in tokens:
+                obj["pattern"] = tokens[w]
+            elif w in SLOTS:
+                obj["position"] = w
+        wanted.append(obj)
+    return wanted
+
+
+def match(wanted, seen):
+    """Per wanted object: the seen object it is compared with (same slot if named, else the
+    only one) and which attributes are right. Returns a dict of booleans."""
+    result = {"count": len(seen) == len(wanted)}
+    for k, w in enumerate(wanted):
+        same_slot = [o for o in seen if o["position"] == w["position"]]
+        obj = (same_slot[0] if same_slot else None) if w["position"] else (seen[0] if len(seen) == 1 else None)
+        prefix = f"{w['position']} " if len(wanted) > 1 else ""
+        result[prefix + "shape"] = obj is not None and obj["shape"] == w["shape"]
+        if w["color"]:
+            result[prefix + "color"] = obj is not None and obj["color"] == w["color"]
+        if w["pattern"] and w["pattern"] != "plain":
+            result[prefix + "subject"] = obj is not None and obj["pattern"] == w["pattern"]
+        if w["position"] and len(wanted) == 1:
+            result["position"] = obj is not None
+    result["all"] = all(result.values())
+    return result
+
+
+def accuracy(prompts, readings):
+    """Share of samples right per attribute (and "all"), for prompts[i] read as readings[i]."""
+    rows = [match(parse(p), r) for p, r in zip(prompts, readings)]
+    return {k: float(np.mean([row[k] for row in rows if k in row])) for k in rows[0]}
+
+
+def subject_fidelity(readings, subject):
+    """Share of images that show `subject` (any slot): for prompts with its token."""
+    return float(np.mean([any(o["pattern"] == subject for o in r) for r in readings]))
+
+
+def prior_drift(readings, subject):
+    """Share of class-prompt images ("a star") that show `subject` anyway."""
+    return subject_fidelity(readings, subject)
+
+
+# ---------------------------------------------------------------- the quality bar
+
+def generate(model, prompts, steps=25, guidance=4.0, seed=0, batch=50):
+    """uint8 (n, H, W, 3) samples of a StableDiffusion, one per prompt, seeded."""
+    generator = torch.Generator().manual_seed(seed)
+    images = []
+    for i in range(0, len(prompts), batch):
+        x = model.generate(prompts[i:i + batch], steps=steps, guidance=guidance,
+                           generator=generator, progress=False)
+        images.append((x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+    return np.concatenate(images)
+
+
+def prompt_sets(n, seed=0):
+    """The standard prompt sets, n prompts each: single objects (every color x shape in turn),
+    single objects with a position, two objects with positions (random, seeded)."""
+    rng = np.random.default_rng(seed)
+    combos = [(c, s) for s in toyworld.SHAPES for c in toyworld.COLORS]
+
+    def phrase(c, s):
+        return toyworld.Object(s, "center", 0, 0, 0, color=c).phrase()
+
+    single = [phrase(*combos[i % len(combos)]) for i in range(n)]
+    placed = [f"{phrase(*combos[rng.integers(len(combos))])} {toyworld.POSITION_PHRASE[SLOTS[i % 3]]}"
+              for i in range(n)]
+    two = []
+    for _ in range(n):
+        a, b = rng.choice(len(combos), 2, replace=False)
+        two.append(f"{phrase(*combos[a])} on the left and {phrase(*combos[b])} on the right")
+    return {"single": single, "single, placed": placed, "two objects": two}
+
+
+BAR = {"single": 0.8, "two objects": 0.5}
+
+
+def quality_bar(model, samples=100, steps=25, guidance=4.0, seed=0, out_dir=None, reader=None):
+    """Generate the prompt sets, read the images, print and return the table."""
+    reader = reader or load_reader()
+    table = {}
+    for name, prompts in prompt_sets(samples, seed).items():
+        images = generate(model, prompts, steps, guidance, seed)
+        table[name] = accuracy(prompts, read(images, reader))
+        if out_dir:
+            from PIL import Image
+            os.makedirs(out_dir, exist_ok=True)
+            grid = Image.fromarray(toyworld.grid(images[:40], columns=10))
+            grid.resize((grid.width * 4, grid.height * 4), Image.NEAREST).save(
+                os.path.join(out_dir, name.replace(", ", "_").replace(" ", "_") + ".png"))
+    print(format_table(table, samples, steps, guidance))
+    return table
+
+
+def format_table(table, samples, steps, guidance):
+    lines = [f"quality bar ({samples} samples per set, {steps} DDIM steps, guidance {guidance})",
+             f"{'prompt set':<16} {'all right':>9} {'bar':>5}  per attribute"]
+    for name, acc in table.items():
+        bar = f"{BAR[name]:.0%}" if name in BAR else "-"
+        ok = "" if name not in BAR else ("  ok" if acc["all"] >= BAR[name] else "  BELOW BAR")
+        parts = ", ".join(f"{k} {v:.0%}" for k, v in acc.items() if k != "all")
+        lines.append(f"{name:<16} {acc['all']:>9.0%} {bar:>5}  {parts}{ok}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=None, help="checkpoint (default: the bundled tiny model)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer dir (default: beside the model)")
+    parser.add_argument("--samples", type=int, default=100, help="samples per prompt set")
+    parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out-dir", default=None, help="write sample grids here")
+    parser.add_argument("--train-reader", action="store_true",
+                        help=f"train the image reader on renders and save it to {READER_PATH}")
+    args = parser.parse_args(argv)
+    if args.train_reader:
+        t0 = time.time()
+        reader = train_reader()
+        x, y = reader_data(2000, seed=99)
+        print(f"reader trained in {time.time() - t0:.0f} s; on 2000 held-out clean renders:",
+              reader_accuracy(reader, x, y))
+        return
+    from ldm.checkpoint import DEFAULT_MODEL, load
+    model = load(args.model or DEFAULT_MODEL, tokenizer_dir=args.tokenizer)
+    quality_bar(model, args.samples, args.steps, args.guidance, args.seed, args.out_dir)
+
+
+@torch.no_grad()
+def reader_accuracy(reader, x, y):
+    """Share of labelled slots read right, per head, on images x with labels y."""
+    out = {}
+    for k, (name, logits) in enumerate(zip(("shape", "color", "pattern"), reader(x))):
+        mask = y[..., k] >= 0
+        out[name] = round(float((logits.argmax(-1)[mask] == y[..., k][mask]).float().mean()), 4)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,378 @@
+"""Pretrain the bundled tiny Stable Diffusion on the toy world (train/toyworld.py).
+
+    python -m train.pretrain                  # writes weights/toy-sd.safetensors + weights/tokenizer/
+    python -m train.pretrain --resume         # continue an interrupted run from runs/pretrain/
+
+Three stages, all with our ldm/ classes at tiny width, fp32, on CPU:
+
+1. Tokenizer: CLIP-format BPE over the toy vocabulary (train/tokenizer.py).
+2. VAE (AutoencoderKL, f = 2: 32x32x3 -> 16x16x4). Loss per image, as in CompVis' first stage
+   without its LPIPS and GAN terms:  sum |x - D(z)| + kl_weight * KL(q(z|x) || N(0, I)),
+   z ~ q(z|x). Its training images carry random two-color patterns besides flat fills: the VAE
+   is a generic codec (as SD's is) and must be able to encode the subjects' patterns later,
+   while the diffusion model never sees a pattern. After training, scale_factor = 1 / std(z)
+   (SD's 0.18215 was chosen the same way), so latents have unit variance.
+3. UNet + text encoder, jointly, epsilon prediction on the SD scaled-linear schedule:
+   L = E_{x, c, t, eps} || eps - eps_theta(sqrt(abar_t) z + sqrt(1 - abar_t) eps, t, tau(c)) ||^2,
+   with the caption c replaced by "" 10% of the time (classifier-free guidance training).
+   The text encoder (transformers CLIPTextModel, 2 layers, width 64) is *trained*, not frozen:
+   no pretrained CLIP exists here, and a frozen random encoder would hand the UNet features in
+   which "red star on the left" is entangled at random; training it lets word embeddings take
+   meaning, so that spectral shifts of the text encoder (train.single --train-text-encoder) act
+   on a meaningful space. The reserved tokens (sks, zwx, ...) never occur in captions, so their
+   embeddings get no gradient and keep their random initialization (weight decay is 0 for
+   that reason): like a rare token in real CLIP, they start out meaning nothing.
+   The weights saved are an exponential moving average (decay `ema`) of the trained ones.
+
+Resumable: the whole state (models, optimizer, EMA, stage, step) is written atomically
+(temp file + rename) every `save_every` steps to runs/pretrain/state.pt; each step draws its
+batch, timesteps, noise and caption drops from a generator seeded by (seed, step), so a
+resumed run continues exactly the same sequence. Loss log: runs/pretrain/log.csv; sample
+grids: runs/pretrain/samples/. The result is ONE single-file checkpoint in CompVis layout with
+the config in its metadata (ldm.checkpoint.save_single_file): the same file format and loading
+path as a real SD 1.x checkpoint.
+"""
+import argparse
+import copy
+import csv
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from train import toyworld
+from train.tokenizer import build as build_tokenizer
+
+
+@dataclass
+class PretrainConfig:
+    out_dir: str = "weights"            # toy-sd.safetensors, tokenizer/, pretrain_log.csv
+    work_dir: str = "runs/pretrain"     # resumable state, log, sample grids
+    seed: int = 0
+    num_images: int = 30000             # distinct captioned scenes (dataset seed = seed)
+    # VAE
+    vae_ch: int = 32
+    vae_ch_mult: tuple[int, ...] = (1, 2)
+    vae_res_blocks: int = 1
+    vae_steps: int = 600
+    vae_batch: int = 32
+    vae_lr: float = 2e-3
+    kl_weight: float = 1e-6
+    # UNet (SD 1 layout: conv proj_in/out, num_heads, no attention at the finest level)
+    model_channels: int = 32
+    channel_mult: tuple[int, ...] = (1, 2, 2)
+    attention_resolutions: tuple[int, ...] = (2, 4)
+    num_res_blocks: int = 1
+    num_heads: int = 4
+    # text encoder (CLIPTextModel, quick_gelu like SD 1's CLIP ViT-L/14)
+    text_width: int = 64
+    text_layers: int = 2
+    text_heads: int = 2
+    # UNet + text training
+    steps: int = 4000
+    batch: int = 64
+    lr: float = 8e-4
+    warmup: int = 200
+    p_uncond: float = 0.1
+    ema: float = 0.999
+    # bookkeeping
+    save_every: int = 250
+    sample_every: int = 500
+    threads: int = 0                    # torch CPU threads; 0: torch's default (one per core)
+    sample_steps: int = 25
+    guidance: float = 4.0
+
+
+SAMPLE_PROMPTS = [
+    "a red star", "a blue circle", "a green triangle", "a yellow heart",
+    "a purple square on the left", "an orange star on the right",
+    "a red star on the left and a blue circle on the right",
+    "a yellow square on the left and a green heart on the right",
+]
+
+
+# ---------------------------------------------------------------- models
+
+def build_vae(config):
+    from ldm.vae import AutoencoderKL, VAEConfig
+    return AutoencoderKL(VAEConfig(resolution=toyworld.SIZE, ch=config.vae_ch,
+                                   ch_mult=config.vae_ch_mult, num_res_blocks=config.vae_res_blocks))
+
+
+def build_unet_and_text(config, tokenizer_dir):
+    from ldm.text import TextEncoder, load_tokenizer
+    from ldm.unet import UNetConfig, UNetModel
+    from transformers import CLIPTextConfig
+    tokenizer = load_tokenizer(tokenizer_dir)
+    vocab = len(tokenizer)
+    text_config = CLIPTextConfig(
+        vocab_size=vocab, hidden_size=config.text_width, intermediate_size=4 * config.text_width,
+        num_hidden_layers=config.text_layers, num_attention_heads=config.text_heads,
+        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=config.text_width,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id)
+    unet = UNetModel(UNetConfig(
+        model_channels=config.model_channels, channel_mult=config.channel_mult,
+        attention_resolutions=config.attention_resolutions, num_res_blocks=config.num_res_blocks,
+        num_heads=config.num_heads, context_dim=config.text_width))
+    text = TextEncoder.for_family("sd1", tokenizer, config=text_config)   # pads with <|endoftext|>
+    return unet, text
+
+
+def to_tensor(images):
+    """uint8 (n, H, W, 3) -> float (n, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def to_uint8(x):
+    """float (n, 3, H, W) in about [-1, 1] -> uint8 (n, H, W, 3)."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def lr_at(step, total, base, warmup):
+    """Linear warmup, then cosine decay to 10% of base."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def lr_constant(step, base, warmup):
+    """Linear warmup, then constant: the EMA of the weights does the annealing, and a run
+    stopped early (or resumed with more --steps) is as good as one planned that long."""
+    return base * min(1.0, (step + 1) / warmup)
+
+
+# ---------------------------------------------------------------- state and logs
+
+def save_state(path, state):
+    """Atomic: a crash leaves either the old file or the new one, never half of one."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def log_row(path, row):
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def step_generator(seed, stage, step):
+    return torch.Generator().manual_seed(seed * 1_000_003 + stage * 100_000 + step)
+
+
+# ---------------------------------------------------------------- stage 2: VAE
+
+def train_vae(config, vae, state, work):
+    images = to_tensor(toyworld.texture_dataset(config.num_images // 2, config.seed + 1))
+    opt = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
+    if "vae_opt" in state:
+        opt.load_state_dict(state["vae_opt"])
+    start = state.get("vae_step", 0)
+    bar = tqdm(range(start, config.vae_steps), initial=start, total=config.vae_steps, desc="vae")
+    for step in bar:
+        t0 = time.time()
+        g = step_generator(config.seed, 1, step)
+        x = images[torch.randint(len(images), (config.vae_batch,), generator=g)]
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, config.vae_steps, config.vae_lr, 50)
+        posterior = vae.encode(x)
+        recon = vae.decode(posterior.sample(generator=g))
+        rec = (recon - x).abs().sum() / len(x)
+        kl = 0.5 * (posterior.mean ** 2 + posterior.std ** 2 - 1 - posterior.logvar).sum() / len(x)
+        loss = rec + config.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        mse = (recon - x).pow(2).mean().item()
+        bar.set_postfix(l1=f"{rec.item() / x[0].numel():.4f}", mse=f"{mse:.5f}")
+        log_row(os.path.join(work, "log.csv"), dict(stage="vae", step=step + 1, loss=round(loss.item(), 5),
+                mse=round(mse, 6), lr=opt.param_groups[0]["lr"], seconds=round(time.time() - t0, 3)))
+        if (step + 1) % config.save_every == 0 or step + 1 == config.vae_steps:
+            state.update(vae=vae.state_dict(), vae_opt=opt.state_dict(), vae_step=step + 1)
+            save_state(os.path.join(work, "state.pt"), state)
+    # scale_factor: unit-variance latents, as SD chose 0.18215 for its VAE
+    with torch.no_grad():
+        z = torch.cat([vae.encode(images[i:i + 256]).mode() for i in range(0, 2048, 256)])
+    vae.config.scale_factor = float(1 / z.std())
+    state.update(vae=vae.state_dict(), scale_factor=vae.config.scale_factor, stage="latents")
+    state.pop("vae_opt", None)
+    save_state(os.path.join(work, "state.pt"), state)
+    print(f"vae: scale_factor {vae.config.scale_factor:.4f}")
+
+
+def encode_dataset(config, vae, work):
+    """Latent mean and std of every pretraining scene, cached in the work dir."""
+    path = os.path.join(work, "latents.pt")
+    if os.path.exists(path):
+        return torch.load(path, weights_only=True)
+    images, scenes = toyworld.dataset(config.num_images, config.seed)
+    images = to_tensor(images)
+    means, stds = [], []
+    with torch.no_grad():
+        for i in tqdm(range(0, len(images), 256), desc="encode"):
+            posterior = vae.encode(images[i:i + 256])
+            means.append(posterior.mean)
+            stds.append(posterior.std)
+    data = dict(mean=torch.cat(means), std=torch.cat(stds), captions=[s.caption for s in scenes])
+    torch.save(data, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return data
+
+
+# ---------------------------------------------------------------- stage 3: UNet + text encoder
+
+def train_unet(config, unet, text, scale_factor, data, state, work):
+    from ldm.schedule import NoiseSchedule
+    schedule = NoiseSchedule()
+    token_ids = text.tokenize(data["captions"])          # (N, 77)
+    uncond_ids = text.tokenize([""])[0]
+    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    if "opt" in state:
+        opt.load_state_dict(state["opt"])
+        ema_unet.load_state_dict(state["ema_unet"])
+        ema_text.load_state_dict(state["ema_text"])
+    ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
+    start = state.get("step", 0)
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="unet+text")
+    for step in bar:
+        t0 = time.time()
+        g = step_generator(config.seed, 2, step)
+        index = torch.randint(len(token_ids), (config.batch,), generator=g)
+        z = data["mean"][index] + data["std"][index] * torch.randn(data["mean"][index].shape, generator=g)
+        z = scale_factor * z
+        ids = token_ids[index].clone()
+        ids[torch.rand(config.batch, generator=g) < config.p_uncond] = uncond_ids
+        t = torch.randint(schedule.num_train_timesteps, (config.batch,), generator=g)
+        noise = torch.randn(z.shape, generator=g)
+        pred = unet(schedule.add_noise(z, noise, t), t, text(ids))
+        loss = (pred - noise).pow(2).mean()
+        for group in opt.param_groups:
+            group["lr"] = lr_constant(step, config.lr, config.warmup)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(config.ema, (1 + step) / (10 + step))   # short warmup of the average
+        torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - decay)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        log_row(os.path.join(work, "log.csv"), dict(stage="unet", step=step + 1, loss=round(loss.item(), 5),
+                mse=round(grad_norm.item(), 4), lr=opt.param_groups[0]["lr"], seconds=round(time.time() - t0, 3)))
+        done = step + 1 == config.steps
+        if (step + 1) % config.save_every == 0 or done:
+            state.update(unet=unet.state_dict(), text=text.state_dict(), opt=opt.state_dict(),
+                         ema_unet=ema_unet.state_dict(), ema_text=ema_text.state_dict(), step=step + 1)
+            save_state(os.path.join(work, "state.pt"), state)
+        if (step + 1) % config.sample_every == 0 or done:
+            sample_grid(config, ema_unet, ema_text, schedule, work, step + 1)
+    return ema_unet, ema_text
+
+
+def bundle(vae, unet, text):
+    from ldm.model import StableDiffusion
+    from ldm.schedule import NoiseSchedule
+    return StableDiffusion(
+        unet=unet, vae=vae, text_encoder=text, schedule=NoiseSchedule(), family="sd1",
+        prediction_type="epsilon", source="train.pretrain", image_size=toyworld.SIZE,
+        decided_by={"family": "written by train.pretrain (SD 1 layout, CLIPTextModel)",
+                    "prediction_type": "trained with the epsilon target"})
+
+
+def sample_grid(config, unet, text, schedule, work, step):
+    """Two samples per SAMPLE_PROMPTS entry (columns), EMA weights, PNG in work/samples/."""
+    from train.evaluate import generate
+    images = generate(bundle(sample_grid.vae, unet, text), SAMPLE_PROMPTS * 2,
+                      steps=config.sample_steps, guidance=config.guidance, seed=config.seed)
+    os.makedirs(os.path.join(work, "samples"), exist_ok=True)
+    path = os.path.join(work, "samples", f"step_{step:06d}.png")
+    image = Image.fromarray(toyworld.grid(images, columns=len(SAMPLE_PROMPTS)))
+    image.resize((image.width * 4, image.height * 4), Image.NEAREST).save(path)
+    tqdm.write(f"samples: {path}")
+    return path
+
+
+# ---------------------------------------------------------------- export
+
+def export(config, vae, unet, text, tokenizer_dir, work):
+    from ldm.checkpoint import save_single_file
+    model = bundle(vae, unet, text)
+    path = os.path.join(config.out_dir, "toy-sd.safetensors")
+    save_single_file(path, model, extra_metadata={"train.pretrain": json.dumps(dataclasses.asdict(config))})
+    shutil.copyfile(os.path.join(work, "log.csv"), os.path.join(config.out_dir, "pretrain_log.csv"))
+    print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB) and {tokenizer_dir}/")
+    return path
+
+
+def pretrain(config, resume=False):
+    if config.threads:   # on a shared machine one thread per process beats oversubscription
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    work = config.work_dir
+    os.makedirs(work, exist_ok=True)
+    state_path = os.path.join(work, "state.pt")
+    state = torch.load(state_path, weights_only=True) if resume and os.path.exists(state_path) else {}
+    if not state and os.path.exists(os.path.join(work, "log.csv")):
+        os.remove(os.path.join(work, "log.csv"))     # a fresh run starts a fresh log
+    for stale in ("latents.pt",) if not state else ():
+        if os.path.exists(os.path.join(work, stale)):
+            os.remove(os.path.join(work, stale))
+    state.setdefault("stage", "vae")
+    state["config"] = json.dumps(dataclasses.asdict(config))
+    tokenizer_dir = os.path.join(config.out_dir, "tokenizer")
+    build_tokenizer(tokenizer_dir)
+    vae = build_vae(config)
+    if "vae" in state:
+        vae.load_state_dict(state["vae"])
+    if state["stage"] == "vae":
+        train_vae(config, vae, state, work)
+    vae.config.scale_factor = state["scale_factor"]
+    vae.requires_grad_(False)
+    data = encode_dataset(config, vae, work)
+    unet, text = build_unet_and_text(config, tokenizer_dir)
+    if "unet" in state:
+        unet.load_state_dict(state["unet"])
+        text.load_state_dict(state["text"])
+    sample_grid.vae = vae
+    if state.get("step", 0) < config.steps:    # also: resumed with more --steps than before
+        state["stage"] = "unet"
+        unet, text = train_unet(config, unet, text, vae.config.scale_factor, data, state, work)
+    else:
+        unet.load_state_dict(state["ema_unet"])
+        text.load_state_dict(state["ema_text"])
+    return export(config, vae, unet, text, tokenizer_dir, work)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for field in dataclasses.fields(PretrainConfig):
+        kind = field.type if field.type in (int, float, str) else str
+        parser.add_argument("--" + field.name.replace("_", "-"), type=kind, default=None)
+    parser.add_argument("--resume", action="store_true", help="continue from work_dir/state.pt")
+    args = parser.parse_args(argv)
+    overrides = {}
+    for field in dataclasses.fields(PretrainConfig):
+        value = getattr(args, field.name)
+        if value is not None:   # tuples are given as "1,2,2"
+            overrides[field.name] = tuple(int(v) for v in value.split(",")) if "tuple" in str(field.type) else value
+    config = PretrainConfig(**overrides)
+    t0 = time.time()
+    pretrain(config, resume=args.resume)
+    print(f"pretraining took {(time.time() - t0) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
