@@ -137,11 +137,13 @@ _OPENCLIP_TOP = {"token_embedding.weight": "embeddings.token_embedding.weight",
 _OPENCLIP_UNUSED = {"text_projection", "logit_scale", "attn_mask"}   # CLIP's image-text head, a buffer
 
 
-def hf_text_state_dict(checkpoint_sd: dict, family: str) -> dict:
+def hf_text_state_dict(checkpoint_sd: dict, family: str, num_layers: int | None = None) -> dict:
     """The text encoder of a CompVis-layout checkpoint, as CLIPTextModel (transformers 5) keys.
 
     position_ids is dropped (it is often corrupt in merged checkpoints and is not a weight).
-    SD 2: the last OpenCLIP block, text_projection and logit_scale are dropped (module doc).
+    SD 2: text_projection and logit_scale are dropped, and every block from `num_layers` on.
+    By default that is the file's last block, which SD 2 never reads (module doc); files written
+    by compvis_text_state_dict hold only the used blocks: pass the config's num_hidden_layers.
     """
     if family == "sd1":
         out = {}
@@ -152,7 +154,8 @@ def hf_text_state_dict(checkpoint_sd: dict, family: str) -> dict:
                 if name != "embeddings.position_ids":
                     out[name] = value
     elif family == "sd2":
-        out = _openclip_to_hf({k[len(SD2_PREFIX):]: v for k, v in checkpoint_sd.items() if k.startswith(SD2_PREFIX)})
+        openclip = {k[len(SD2_PREFIX):]: v for k, v in checkpoint_sd.items() if k.startswith(SD2_PREFIX)}
+        out = _openclip_to_hf(openclip, num_layers) if openclip else {}
     else:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     if not out:
@@ -161,16 +164,17 @@ def hf_text_state_dict(checkpoint_sd: dict, family: str) -> dict:
     return out
 
 
-def _openclip_to_hf(openclip: dict) -> dict:
+def _openclip_to_hf(openclip: dict, num_layers: int | None) -> dict:
     block_of = lambda key: re.match(r"transformer\.resblocks\.(\d+)\.", key)
-    last_block = max(int(m.group(1)) for k in openclip if (m := block_of(k)))   # SD 2 reads the one before
+    if num_layers is None:   # all but the last block
+        num_layers = max((int(m.group(1)) for k in openclip if (m := block_of(k))), default=0)
     out, unknown = {}, []
     for key, value in openclip.items():
         part = re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)", key)
         in_proj = re.fullmatch(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)", key)
         if key in _OPENCLIP_TOP:
             out[_OPENCLIP_TOP[key]] = value
-        elif key in _OPENCLIP_UNUSED or (block_of(key) and int(block_of(key).group(1)) == last_block):
+        elif key in _OPENCLIP_UNUSED or (block_of(key) and int(block_of(key).group(1)) >= num_layers):
             continue
         elif in_proj:   # rows are [q; k; v], `width` rows each
             index, kind = in_proj.groups()
