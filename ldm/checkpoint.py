@@ -1,0 +1,564 @@
+"""Read and write Stable Diffusion checkpoints: single files and diffusers folders.
+
+Single file (`.safetensors`, `.ckpt`), the CompVis / A1111 / ComfyUI layout:
+
+    model.diffusion_model.*                 UNet        -> ldm.unet.UNetModel  (same names)
+    first_stage_model.*                     VAE         -> ldm.vae.AutoencoderKL (same names)
+    cond_stage_model.transformer.*          SD 1 text   (HF CLIP names)   -> ldm.text
+    cond_stage_model.model.*                SD 2 text   (OpenCLIP names)  -> ldm.text
+    model_ema.*                             EMA copy of the UNet: ignored (see below)
+
+`.ckpt` files are pickles and are read with `torch.load(weights_only=True)` only: a pickle that
+needs anything but tensors and plain containers (code, objects) is refused, never unpickled.
+
+Diffusers folders (unet/ vae/ text_encoder/ tokenizer/ [scheduler/]) are renamed to the
+CompVis names by the explicit rules of `diffusers_unet_name_to_compvis` and
+`diffusers_vae_name_to_compvis`; diffusers itself is never imported.
+
+Everything that cannot be read from tensor shapes is decided by a rule, and `decided_by` on
+the returned model says which one (family, configs, heads, prediction type, tokenizer, ...).
+
+EMA: CompVis training checkpoints hold both the trained weights (`model.diffusion_model.*`)
+and an EMA copy (`model_ema.*`, names with the dots removed). We load `model.diffusion_model.*`,
+which is what the CompVis inference configs (use_ema: False) and diffusers' converter (without
+extract_ema) use; released "-ema-only" files already hold EMA weights there.
+"""
+
+import hashlib
+import json
+import os
+import pickle
+import re
+import zipfile
+from dataclasses import asdict
+
+import torch
+
+from ldm import diffusers_layout
+from ldm import text as ldm_text
+from ldm.diffusers_layout import diffusers_unet_name_to_compvis  # noqa: F401 (API)
+from ldm.model import StableDiffusion
+from ldm.schedule import PREDICTION_TYPES, NoiseSchedule
+from ldm.unet import UNetConfig, UNetModel
+from ldm.vae import AutoencoderKL, VAEConfig
+
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             "weights", "toy-sd.safetensors")
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+SD1_TEXT_PREFIX = "cond_stage_model.transformer."
+SD2_TEXT_PREFIX = "cond_stage_model.model."
+METADATA_KEY = "svdiff_config"
+
+
+class CheckpointError(Exception):
+    """A file we cannot or will not load; the message is one line, shown as is by the CLIs."""
+
+
+# ----------------------------------------------------------------------------- reading files
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                       "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                       "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _safetensors_header(path: str) -> tuple[dict, dict]:
+    """(tensor entries, metadata) from the JSON header: 8 bytes little-endian length N, then N
+    bytes of JSON {name: {dtype, shape, data_offsets}, "__metadata__": {str: str}}. Checks that
+    every tensor's bytes lie inside the file, so a truncated download is caught here."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n > size - 8:
+            raise CheckpointError(f"{path}: truncated or corrupt safetensors file (header of {n} "
+                                  f"bytes, file of {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    metadata = header.pop("__metadata__", None) or {}
+    end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(f"{path}: truncated safetensors file (tensors need {8 + n + end} "
+                              f"bytes, the file has {size})")
+    return header, metadata
+
+
+def _read_safetensors(path: str, meta: bool) -> tuple[dict, dict]:
+    header, metadata = _safetensors_header(path)
+    if meta:  # shapes only: nothing but the header is read
+        return {k: torch.empty(e["shape"], dtype=_SAFETENSORS_DTYPES.get(e["dtype"], torch.uint8),
+                               device="meta") for k, e in header.items()}, metadata
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        return load_file(path, device="cpu"), metadata
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: corrupt safetensors file ({e})") from None
+
+
+def _read_pickle(path: str, meta: bool) -> tuple[dict, dict]:
+    """A torch.save file, tensors and containers only. Returns (state dict, {"global_step": ..})."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True,
+                         mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f" (it asks for {found.group(1)})" if found else ""
+        raise CheckpointError(f"{path}: refused: this pickle needs more than tensors to load"
+                              f"{what}; it was not unpickled. Convert it to .safetensors with a "
+                              "tool you trust") from None
+    except Exception as e:  # corrupt zip, truncated stream, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"{path}: unreadable PyTorch file ({type(e).__name__}: {first})") \
+            from None
+    extras = {}
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        if isinstance(obj.get("global_step"), int):
+            extras["global_step"] = obj["global_step"]
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    state_dict = {k: v for k, v in obj.items() if isinstance(k, str) and torch.is_tensor(v)}
+    if meta:
+        state_dict = {k: v.to("meta") for k, v in state_dict.items()}
+    return state_dict, extras
+
+
+def file_format(path: str) -> str | None:
+    """"safetensors", "pickle" (torch.save, zip or legacy) or None, from the first bytes."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if not head:
+        raise CheckpointError(f"{path}: empty file")
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch zip archive, or a bare pickle
+        return "pickle"
+    if len(head) == 9 and head[8:9] == b"{":  # safetensors: header length, then JSON
+        return "safetensors"
+    return None
+
+
+def read_single_file(path: str, meta: bool = False) -> tuple[dict, dict]:
+    """(state dict, metadata) of a .safetensors or torch.save file, told apart by content.
+    meta=True gives tensors on the meta device (shapes and dtypes only)."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: is a directory, not a diffusers folder (no model_index.json "
+                              "nor unet/ vae/ text_encoder/)")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file")
+    kind = file_format(path)
+    if kind is None:
+        raise CheckpointError(f"{path}: not a checkpoint (neither safetensors nor a PyTorch file)")
+    read = _read_safetensors if kind == "safetensors" else _read_pickle
+    state_dict, metadata = read(path, meta)
+    if not state_dict:
+        raise CheckpointError(f"{path}: contains no tensors")
+    return state_dict, metadata
+
+
+# ----------------------------------------------------------------------------- what is it?
+
+def detect_family(state_dict: dict) -> tuple[str, str]:
+    """("sd1" | "sd2", the rule that decided), or CheckpointError naming what was found instead.
+    state_dict: single-file (CompVis) names."""
+    keys = list(state_dict)
+
+    def has(prefix):
+        return any(k.startswith(prefix) for k in keys)
+
+    lora = [k for k in keys if re.search(r"(^|[._])lora[._]|lora_(up|down|A|B)\b", k)]
+    if lora:
+        raise CheckpointError(f"a LoRA file ({len(lora)} LoRA keys such as {lora[0]!r}), not a base "
+                              "model")
+    if has("conditioner.embedders."):
+        raise CheckpointError("an SDXL checkpoint (conditioner.embedders.* keys); only SD 1.x and "
+                              "2.x are supported")
+    if has("control_model."):
+        raise CheckpointError("a ControlNet (control_model.* keys), not a base model")
+    if has("embedder.") or has("noise_augmentor.") or has(UNET_PREFIX + "label_emb."):
+        raise CheckpointError("an image/class-conditioned UNet (unCLIP or SDXL: label_emb / "
+                              "embedder keys); only SD 1.x and 2.x text-to-image are supported")
+    if not has(UNET_PREFIX):
+        if "conv_in.weight" in state_dict and has("down_blocks."):
+            what = "a diffusers UNet weights file alone (load the whole diffusers folder instead)"
+        elif has("encoder.conv_in.") or (has(VAE_PREFIX) and not has("cond_stage_model.")):
+            what = "a VAE-only file"
+        elif has("cond_stage_model.") or has("text_model.") or has("embeddings.token_embedding"):
+            what = "a text-encoder-only file"
+        elif has("string_to_param") or has("emb_params"):
+            what = "a textual-inversion embedding"
+        else:
+            what = "no Stable Diffusion UNet keys (model.diffusion_model.*); first keys: " + \
+                   ", ".join(keys[:3])
+        raise CheckpointError(what)
+    in_channels = state_dict[UNET_PREFIX + "input_blocks.0.0.weight"].shape[1]
+    special = {9: "an inpainting model", 5: "a depth-conditioned model", 7: "an upscaler",
+               8: "an InstructPix2Pix model"}
+    if in_channels != 4:
+        raise CheckpointError(f"{special.get(in_channels, 'an unsupported UNet')} (UNet "
+                              f"in_channels {in_channels}, text-to-image models have 4)")
+    if not has(VAE_PREFIX):
+        raise CheckpointError("a UNet without its VAE (no first_stage_model.* keys)")
+    context = next((v.shape[1] for k, v in state_dict.items() if k.endswith("attn2.to_k.weight")),
+                   None)
+    if has(SD1_TEXT_PREFIX):
+        family, text = "sd1", "HF CLIP text keys (cond_stage_model.transformer.*)"
+    elif has(SD2_TEXT_PREFIX):
+        family, text = "sd2", "OpenCLIP text keys (cond_stage_model.model.*)"
+    else:
+        raise CheckpointError("a UNet and VAE without a text encoder (no cond_stage_model.* keys)")
+    name = {"sd1": "SD 1.x", "sd2": "SD 2.x"}[family]
+    return family, f"{text} and context_dim {context} -> {name}"
+
+
+def decide_prediction_type(family: str, explicit: str | None = None, metadata: dict | None = None,
+                           yaml_path: str | None = None, global_step: int | None = None
+                           ) -> tuple[str, str]:
+    """(prediction type, rule). Order: the explicit argument; file metadata (ours, or ModelSpec's
+    "modelspec.prediction_type"); a CompVis yaml beside the file ("parameterization: v", the
+    A1111 convention); the training step of an SD 2 .ckpt (875000 is SD 2.x 512-base, eps;
+    diffusers' rule); else the family convention: SD 1.x eps; SD 2.x v, as the 768-v models are
+    (SD 2 512-base users pass --prediction-type epsilon)."""
+    if explicit is not None:
+        _check_prediction_type(explicit)
+        return explicit, "given explicitly"
+    metadata = metadata or {}
+    if metadata.get("prediction_type"):
+        return _check_prediction_type(metadata["prediction_type"]), "file metadata"
+    spec = metadata.get("modelspec.prediction_type")
+    if spec in ("epsilon", "v"):
+        return ("v_prediction" if spec == "v" else "epsilon"), "modelspec.prediction_type metadata"
+    if yaml_path and os.path.isfile(yaml_path):
+        with open(yaml_path, errors="replace") as f:
+            v = re.search(r"^\s*parameterization:\s*['\"]?v['\"]?\s*$", f.read(), re.M)
+        return ("v_prediction" if v else "epsilon"), f"parameterization in {yaml_path}"
+    if family == "sd2" and global_step is not None:
+        pt = "epsilon" if global_step == 875000 else "v_prediction"
+        return pt, f"SD 2 .ckpt global_step {global_step} (875000 = 512-base eps, else 768-v)"
+    if family == "sd1":
+        return "epsilon", "convention: SD 1.x predicts noise"
+    return "v_prediction", ("convention: SD 2.x 768-v models predict v (pass --prediction-type "
+                            "epsilon for SD 2 512-base)")
+
+
+def _check_prediction_type(value: str) -> str:
+    if value not in PREDICTION_TYPES:
+        raise CheckpointError(f"prediction type must be one of {', '.join(PREDICTION_TYPES)}, "
+                              f"got {value!r}")
+    return value
+
+
+# ----------------------------------------------------------------------------- configs from shapes
+
+def _indices(keys, prefix: str) -> list[int]:
+    """Sorted distinct integers N of keys 'prefix.N.…'."""
+    pattern = re.compile(re.escape(prefix) + r"\.(\d+)\.")
+    return sorted({int(m.group(1)) for k in keys if (m := pattern.match(k))})
+
+
+def unet_config_from_state_dict(sd: dict, family: str) -> tuple[UNetConfig, str]:
+    """UNetConfig from the shapes of a (prefix-stripped) CompVis UNet state dict; the heads
+    follow the family convention (SD 1: 8 heads, SD 2: 64 channels per head)."""
+    first = sd["input_blocks.0.0.weight"]  # (model_channels, in_channels, 3, 3)
+    ch = first.shape[0]
+    blocks = _indices(sd, "input_blocks")
+    downsamples = [i for i in blocks if f"input_blocks.{i}.0.op.weight" in sd]
+    num_res_blocks = (downsamples[0] if downsamples else len(blocks)) - 1
+    levels = len(blocks) // (num_res_blocks + 1)
+    channel_mult, attention_resolutions, depths = [], [], set()
+    for level in range(levels):
+        first_block = 1 + level * (num_res_blocks + 1)
+        channel_mult.append(sd[f"input_blocks.{first_block}.0.out_layers.3.weight"].shape[0] // ch)
+        if f"input_blocks.{first_block}.1.norm.weight" in sd:
+            attention_resolutions.append(2 ** level)
+            depths.add(len(_indices(sd, f"input_blocks.{first_block}.1.transformer_blocks")))
+    depths.add(len(_indices(sd, "middle_block.1.transformer_blocks")))
+    if len(depths) != 1:
+        raise CheckpointError(f"transformer depth differs between levels ({sorted(depths)}): "
+                              "not an SD 1.x / 2.x UNet")
+    heads = dict(num_heads=8) if family == "sd1" else dict(num_heads=-1, num_head_channels=64)
+    config = UNetConfig(
+        in_channels=first.shape[1], out_channels=sd["out.2.weight"].shape[0], model_channels=ch,
+        attention_resolutions=tuple(attention_resolutions), num_res_blocks=num_res_blocks,
+        channel_mult=tuple(channel_mult), context_dim=sd["middle_block.1.transformer_blocks.0"
+                                                         ".attn2.to_k.weight"].shape[1],
+        use_linear_in_transformer=sd["middle_block.1.proj_in.weight"].ndim == 2,
+        transformer_depth=depths.pop(), upcast_attention=family == "sd2", **heads)
+    rule = ("shapes; heads by convention: " +
+            ("SD 1.x 8 heads" if family == "sd1" else "SD 2.x 64 channels per head, fp32 attention"))
+    return config, rule
+
+
+def vae_config_from_state_dict(sd: dict) -> VAEConfig:
+    """VAEConfig from the shapes of a (prefix-stripped) CompVis VAE state dict; the latent
+    scale is SD's 0.18215 and attention inside levels assumes CompVis' resolution 256."""
+    ch = sd["encoder.conv_in.weight"].shape[0]
+    levels = _indices(sd, "encoder.down")
+    ch_mult = tuple(sd[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // ch for i in levels)
+    attn = tuple(256 // 2 ** i for i in levels if f"encoder.down.{i}.attn.0.norm.weight" in sd)
+    return VAEConfig(embed_dim=sd["post_quant_conv.weight"].shape[1],
+                     z_channels=sd["decoder.conv_in.weight"].shape[1], resolution=256,
+                     in_channels=sd["encoder.conv_in.weight"].shape[1],
+                     out_ch=sd["decoder.conv_out.weight"].shape[0], ch=ch, ch_mult=ch_mult,
+                     num_res_blocks=len(_indices(sd, "encoder.down.0.block")),
+                     attn_resolutions=attn)
+
+
+# ----------------------------------------------------------------------------- diffusers folders
+
+def is_diffusers_folder(path: str) -> bool:
+    return os.path.isdir(path) and (
+        os.path.isfile(os.path.join(path, "model_index.json"))
+        or all(os.path.isdir(os.path.join(path, p)) for p in ("unet", "vae", "text_encoder")))
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read ({e})") from None
+
+
+def _component_weights(folder: str, meta: bool) -> dict:
+    """The weights of one diffusers component folder (safetensors preferred, then .bin)."""
+    for stem in ("diffusion_pytorch_model", "model", "pytorch_model"):
+        for variant in ("", ".fp16"):
+            for ext in (".safetensors", ".bin"):
+                path = os.path.join(folder, stem + variant + ext)
+                if os.path.isfile(path):
+                    return read_single_file(path, meta)[0]
+    raise CheckpointError(f"{folder}: no weights file (diffusion_pytorch_model.safetensors, "
+                          "model.safetensors or a .bin)")
+
+
+def _diffusers_parts(path: str, meta: bool) -> dict:
+    for part in ("unet", "vae", "text_encoder"):
+        if not os.path.isfile(os.path.join(path, part, "config.json")):
+            raise CheckpointError(f"{path}: a diffusers folder without {part}/config.json (only "
+                                  "SD 1.x / 2.x pipelines with unet, vae, text_encoder load)")
+    unet_json = _read_json(os.path.join(path, "unet", "config.json"))
+    try:
+        unet_config, heads_rule = diffusers_layout.unet_config(unet_json)
+        vae_config = diffusers_layout.vae_config(_read_json(os.path.join(path, "vae",
+                                                                         "config.json")))
+        if unet_config.in_channels != 4:
+            raise ValueError(f"UNet in_channels {unet_config.in_channels} (inpainting, depth, "
+                             "pix2pix or upscaler); text-to-image models have 4")
+        text_config = _clip_config(_read_json(os.path.join(path, "text_encoder", "config.json")))
+        unet_sd = diffusers_layout.unet_state_dict(
+            _component_weights(os.path.join(path, "unet"), meta), unet_config)
+        vae_sd = diffusers_layout.vae_state_dict(
+            _component_weights(os.path.join(path, "vae"), meta), vae_config)
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    text_sd = diffusers_layout.text_state_dict(
+        _component_weights(os.path.join(path, "text_encoder"), meta))
+    family, family_rule = diffusers_layout.family(unet_config, text_config.hidden_act)
+    scheduler = os.path.join(path, "scheduler", "scheduler_config.json")
+    metadata = _read_json(scheduler) if os.path.isfile(scheduler) else {}
+    return dict(
+        unet=(unet_sd, unet_config), vae=(vae_sd, vae_config), text=(text_sd, text_config),
+        # the tokenizer's own pad token (SD 1: <|endoftext|>, SD 2: "!", id 0)
+        pad_token_id=None, family=family,
+        metadata={"prediction_type": metadata.get("prediction_type")},
+        # diffusers pipelines default to sample_size latents, times the VAE factor
+        image_size=unet_json.get("sample_size", 0) * 2 ** (len(vae_config.ch_mult) - 1) or None,
+        decided_by={"family": family_rule, "unet_config": "diffusers unet/config.json; " +
+                    heads_rule, "vae_config": "diffusers vae/config.json",
+                    "text_config": "diffusers text_encoder/config.json"})
+
+
+# ----------------------------------------------------------------------------- single files
+
+def _clip_config(values: dict):
+    return ldm_text.sd1_text_config().__class__(**values)
+
+
+def _single_file_parts(path: str, meta: bool) -> dict:
+    state_dict, metadata = read_single_file(path, meta)
+    try:
+        family, family_rule = detect_family(state_dict)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    stored = {}
+    if METADATA_KEY in metadata:
+        try:
+            stored = json.loads(metadata[METADATA_KEY])
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: corrupt {METADATA_KEY} metadata ({e})") from None
+        family, family_rule = stored["family"], f"file metadata ({METADATA_KEY})"
+    unet_sd = {k[len(UNET_PREFIX):]: v for k, v in state_dict.items() if k.startswith(UNET_PREFIX)}
+    # (some VAE checkpoints keep their training loss, LPIPS and discriminator, under loss.*)
+    vae_sd = {k[len(VAE_PREFIX):]: v for k, v in state_dict.items() if k.startswith(VAE_PREFIX)
+              and not k.startswith(VAE_PREFIX + "loss.")}
+    if family == "sd2" and stored:
+        # our SD 2 files hold only the 23 used OpenCLIP blocks; the converter drops the last
+        # block of a file as unused (real SD 2 files have 24), so give it an empty one to drop
+        blocks = len(_indices(state_dict, SD2_TEXT_PREFIX + "transformer.resblocks"))
+        state_dict[f"{SD2_TEXT_PREFIX}transformer.resblocks.{blocks}.ln_1.weight"] = torch.empty(0)
+    try:
+        text_sd = ldm_text.hf_text_state_dict(state_dict, family)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    decided = {"family": family_rule}
+    ignored = [k for k in state_dict if not k.startswith((UNET_PREFIX, VAE_PREFIX,
+                                                          "cond_stage_model."))]
+    ema = sum(k.startswith("model_ema.") for k in ignored)
+    decided["weights"] = "model.diffusion_model.*" + (
+        f" (the non-EMA weights; {ema} model_ema.* keys ignored)" if ema else "")
+    if len(ignored) > ema:
+        decided["ignored"] = f"{len(ignored) - ema} other keys (e.g. " + \
+            ", ".join([k for k in ignored if not k.startswith("model_ema.")][:3]) + ")"
+    if stored:
+        unet_config = UNetConfig(**stored["unet"])
+        vae_config = VAEConfig(**stored["vae"])
+        text_config = _clip_config(stored["text"])
+        for part in ("unet_config", "vae_config", "text_config"):
+            decided[part] = f"file metadata ({METADATA_KEY})"
+    else:
+        try:
+            unet_config, decided["unet_config"] = unet_config_from_state_dict(unet_sd, family)
+            vae_config = vae_config_from_state_dict(vae_sd)
+            text_config = ldm_text.text_config_from_state_dict(text_sd, family)
+        except KeyError as e:
+            raise CheckpointError(f"{path}: incomplete checkpoint (no {e.args[0]})") from None
+        decided["vae_config"] = "shapes; latent scale 0.18215 by convention"
+        decided["text_config"] = "shapes; 64-channel heads by convention"
+    yaml_path = os.path.splitext(path)[0] + ".yaml"
+    return dict(unet=(unet_sd, unet_config), vae=(vae_sd, vae_config), text=(text_sd, text_config),
+                pad_token_id=stored.get("pad_token_id", "eos" if family == "sd1" else 0),
+                family=family, metadata={**metadata, **stored}, decided_by=decided,
+                yaml_path=yaml_path, image_size=stored.get("image_size"))
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _find_tokenizer(path: str, tokenizer_dir: str | None, required: bool):
+    """(CLIPTokenizer or None, rule): --tokenizer DIR; tokenizer/ beside the single file or in
+    the diffusers folder; the CLIP BPE vocabulary of an installed package; else an error."""
+    try:
+        if tokenizer_dir is not None:
+            return ldm_text.load_tokenizer(tokenizer_dir), f"given: {tokenizer_dir}"
+        beside = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "tokenizer")
+        if os.path.isdir(beside):
+            return ldm_text.load_tokenizer(beside), f"beside the weights: {beside}"
+        return ldm_text.load_tokenizer(None), "installed CLIP BPE vocabulary"
+    except ldm_text.TokenizerNotFound as e:
+        if required:
+            raise CheckpointError(str(e)) from None
+        return None, f"none found ({e})"
+
+
+def _load_strict(module: torch.nn.Module, state_dict: dict, what: str, dtype) -> None:
+    """Strict load (assign: no second copy) after our own key and shape check, which gives a
+    one-line error. Consumes `state_dict`."""
+    expected = module.state_dict()
+    missing = sorted(expected.keys() - state_dict.keys())
+    unexpected = sorted(state_dict.keys() - expected.keys())
+    wrong = [k for k in sorted(expected.keys() & state_dict.keys())
+             if expected[k].shape != state_dict[k].shape]
+    if missing or unexpected or wrong:
+        example = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+                   if unexpected else f"{wrong[0]}: file {tuple(state_dict[wrong[0]].shape)} vs "
+                   f"model {tuple(expected[wrong[0]].shape)}")
+        raise CheckpointError(f"{what} weights do not fit its config: {len(missing)} missing, "
+                              f"{len(unexpected)} unexpected, {len(wrong)} of another shape "
+                              f"(e.g. {example})")
+    for k, v in state_dict.items():  # in place, so each file tensor is freed once copied
+        # a fresh torch allocation: file buffers (and mmap pages) are not 64-byte aligned,
+        # which changes vectorized kernels' rounding; outputs then match bit for bit
+        keep = dtype is None or not v.is_floating_point()
+        state_dict[k] = v.to(v.dtype if keep else dtype, copy=True)
+    module.load_state_dict(state_dict, strict=True, assign=True)
+
+
+def load(path: str = DEFAULT_MODEL, tokenizer_dir: str | None = None,
+         prediction_type: str | None = None, device="cpu",
+         dtype: torch.dtype = torch.float32) -> StableDiffusion:
+    """A StableDiffusion from a single file (.safetensors / .ckpt) or a diffusers folder.
+
+    dtype=None keeps the file's dtypes. device="meta" reads only shapes (the safetensors
+    header) and builds the modules without memory, for inspection (python -m ldm.info); the
+    tokenizer is then optional."""
+    path = os.fspath(path)
+    meta = torch.device(device).type == "meta"
+    folder = is_diffusers_folder(path)
+    parts = _diffusers_parts(path, meta) if folder else _single_file_parts(path, meta)
+    family, decided = parts["family"], parts["decided_by"]
+    prediction, decided["prediction_type"] = decide_prediction_type(
+        family, prediction_type, parts["metadata"], parts.get("yaml_path"),
+        parts["metadata"].get("global_step"))
+    image_size = parts.get("image_size") or (768 if family == "sd2" and
+                                             prediction == "v_prediction" else 512)
+    decided["image_size"] = (("diffusers unet sample_size" if folder else "file metadata")
+                             if parts.get("image_size") else
+                             "convention: SD 2.x v-models 768, others 512")
+    tokenizer, decided["tokenizer"] = _find_tokenizer(path, tokenizer_dir, required=not meta)
+    (unet_sd, unet_config), (vae_sd, vae_config) = parts["unet"], parts["vae"]
+    text_sd, text_config = parts["text"]
+    pad = parts["pad_token_id"]  # None: the tokenizer's; "eos": SD 1 pads with <|endoftext|>
+    if pad == "eos" or (pad is None and tokenizer is None):
+        pad = tokenizer.eos_token_id if tokenizer is not None else text_config.eos_token_id
+    with torch.device("meta"):  # no memory, no random init: every tensor comes from the file
+        unet, vae = UNetModel(unet_config), AutoencoderKL(vae_config)
+        text_encoder = ldm_text.TextEncoder(text_config, tokenizer, pad_token_id=pad)
+    where = f"{path}: "
+    try:
+        _load_strict(unet, unet_sd, "UNet", dtype)
+        _load_strict(vae, vae_sd, "VAE", dtype)
+        _load_strict(text_encoder.transformer, text_sd, "text encoder", dtype)
+    except CheckpointError as e:
+        raise CheckpointError(where + str(e)) from None
+    _rebuild_buffers(text_encoder, meta)
+    model = StableDiffusion(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(),
+                            schedule=NoiseSchedule(), family=family, prediction_type=prediction,
+                            decided_by=decided, source=path, image_size=image_size)
+    return model if meta else model.to(device)
+
+
+def _rebuild_buffers(text_encoder: torch.nn.Module, meta: bool) -> None:
+    """Non-persistent buffers are not in any file, so building on the meta device leaves them
+    empty. CLIP's only one is position_ids = arange(max_positions), rebuilt here."""
+    for name, buffer in list(text_encoder.named_buffers()):
+        if not buffer.is_meta or meta:
+            continue
+        if not name.endswith("position_ids"):
+            raise RuntimeError(f"buffer {name} has no value after loading")
+        owner = text_encoder.get_submodule(name.rsplit(".", 1)[0])
+        owner.register_buffer("position_ids", torch.arange(buffer.shape[-1]).expand(buffer.shape),
+                              persistent=False)
+
+
+# ----------------------------------------------------------------------------- writing
+
+def save_single_file(path: str, model: StableDiffusion,
+                     extra_metadata: dict[str, str] | None = None) -> None:
+    """Write `model` as one CompVis-layout .safetensors file with its full config in the
+    metadata ("svdiff_config"), so it loads back exactly, without conventions."""
+    state_dict = {UNET_PREFIX + k: v for k, v in model.unet.state_dict().items()}
+    state_dict.update({VAE_PREFIX + k: v for k, v in model.vae.state_dict().items()})
+    state_dict.update(ldm_text.compvis_text_state_dict(model.text_encoder, model.family))
+    config = {"unet": asdict(model.unet.config), "vae": asdict(model.vae.config),
+              "text": model.text_encoder.transformer.config.to_dict(), "family": model.family,
+              "prediction_type": model.prediction_type,
+              "pad_token_id": model.text_encoder.pad_token_id, "image_size": model.image_size}
+    metadata = {METADATA_KEY: json.dumps(config, default=str), "format": "pt",
+                **(extra_metadata or {})}
+    from safetensors.torch import save_file
+    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, path, metadata)
+
+
+def fingerprint(state_dict: dict) -> str:
+    """Hex digest (blake2b, 128 bits) of names, shapes and up to 4096 evenly strided values per
+    tensor (as float32, so an fp16 and an fp32 load of one file agree). Reads ~16 KB per tensor,
+    so a 4 GB model takes a fraction of a second. Tells base models apart; not a tamper check."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach()
+        digest.update(f"{name}:{tuple(tensor.shape)};".encode())
+        flat = tensor.reshape(-1)
+        sample = flat[::max(1, flat.numel() // 4096)][:4096]
+        kind = torch.float32 if tensor.is_floating_point() else torch.int64
+        digest.update(sample.to("cpu", kind).contiguous().numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,95 @@
+"""A Stable Diffusion model: the three networks, the noise schedule and the conventions that
+came with the checkpoint (family, prediction type), plus text-to-image generation.
+
+    prompts --text_encoder--> context (B, 77, D)
+    x_T ~ N(0, I) (B, 4, H/f, W/f) --DDIM over unet, classifier-free guidance--> latents x_0
+    latents --vae.decode_latents--> images (B, 3, H, W) in [-1, 1] -> [0, 1]
+
+f = 2 ** (len(vae.config.ch_mult) - 1) (8 for SD). ldm/checkpoint.py builds these from files.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ldm import ddim
+from ldm.schedule import NoiseSchedule
+from ldm.text import TextEncoder
+from ldm.unet import UNetModel
+from ldm.vae import AutoencoderKL
+
+
+@dataclass
+class StableDiffusion:
+    unet: UNetModel
+    vae: AutoencoderKL
+    text_encoder: TextEncoder
+    schedule: NoiseSchedule
+    family: str  # "sd1" | "sd2"
+    prediction_type: str  # "epsilon" | "v_prediction"
+    decided_by: dict[str, str] = field(default_factory=dict)  # what -> the rule that decided it
+    source: str = ""  # the file or folder it was loaded from
+    image_size: int | None = None  # default size of generated images; None: the VAE's
+    # training resolution (vae.config.resolution), right for models built here; the loader
+    # sets SD's own (512 / 768) by convention
+
+    def __post_init__(self):
+        if self.image_size is None:
+            self.image_size = self.vae.config.resolution
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "StableDiffusion":
+        """Move (and cast) the networks in place; returns self."""
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(device=device, dtype=dtype)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def latent_factor(self) -> int:
+        """Image pixels per latent pixel along each side (8 for SD)."""
+        return 2 ** (len(self.vae.config.ch_mult) - 1)
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """(B, 77, D) text context on the model's device, in the UNet's dtype."""
+        return self.text_encoder.encode(list(prompts)).to(self.device, self.dtype)
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The network output (eps or v, per prediction_type) for latents x (B, 4, h, w)."""
+        return self.unet(x.to(self.dtype), t, context)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], negative_prompt: str = "", steps: int = 25,
+                 guidance: float = 7.5, eta: float = 0.0, seed: int | None = None,
+                 generator: torch.Generator | None = None, height: int | None = None,
+                 width: int | None = None, progress: bool = True) -> torch.Tensor:
+        """Text to image with DDIM and classifier-free guidance:
+        out = out(uncond) + guidance * (out(cond) - out(uncond)), uncond = the negative prompt.
+        Returns images (B, 3, H, W) in [0, 1], float32 on the model's device. The starting noise
+        is drawn on the CPU from `generator` (or a fresh one seeded with `seed`), so a seed gives
+        the same images on every device."""
+        height, width = height or self.image_size, width or self.image_size
+        f = self.latent_factor
+        multiple = f * 2 ** (len(self.unet.config.channel_mult) - 1)  # the UNet halves too
+        if height % multiple or width % multiple:
+            raise ValueError(f"image size must be a multiple of {multiple}, got {height}x{width}")
+        if generator is None:
+            generator = torch.Generator()
+            if seed is not None:
+                generator.manual_seed(seed)
+        prompts = list(prompts)
+        cond = self.encode_prompts(prompts)
+        uncond = self.encode_prompts([negative_prompt] * len(prompts)) if guidance != 1 else None
+        shape = (len(prompts), self.vae.config.embed_dim, height // f, width // f)
+        x_T = torch.randn(shape, generator=generator).to(self.device)
+        latents = ddim.sample(self.denoise, x_T, cond, uncond=uncond, guidance=guidance,
+                              schedule=self.schedule, steps=steps, eta=eta, generator=generator,
+                              prediction_type=self.prediction_type, progress=progress)
+        images = self.vae.decode_latents(latents.to(self.dtype))
+        return ((images.float() + 1) / 2).clamp(0, 1)
