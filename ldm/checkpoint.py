@@ -392,13 +392,10 @@ def _single_file_parts(path: str, meta: bool) -> dict:
     # (some VAE checkpoints keep their training loss, LPIPS and discriminator, under loss.*)
     vae_sd = {k[len(VAE_PREFIX):]: v for k, v in state_dict.items() if k.startswith(VAE_PREFIX)
               and not k.startswith(VAE_PREFIX + "loss.")}
-    if family == "sd2" and stored:
-        # our SD 2 files hold only the 23 used OpenCLIP blocks; the converter drops the last
-        # block of a file as unused (real SD 2 files have 24), so give it an empty one to drop
-        blocks = len(_indices(state_dict, SD2_TEXT_PREFIX + "transformer.resblocks"))
-        state_dict[f"{SD2_TEXT_PREFIX}transformer.resblocks.{blocks}.ln_1.weight"] = torch.empty(0)
+    # our own files (metadata) hold exactly the text layers used; real SD 2 files one more
+    layers = stored["text"]["num_hidden_layers"] if stored else None
     try:
-        text_sd = ldm_text.hf_text_state_dict(state_dict, family)
+        text_sd = ldm_text.hf_text_state_dict(state_dict, family, num_layers=layers)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
     decided = {"family": family_rule}
@@ -482,6 +479,9 @@ def load(path: str = DEFAULT_MODEL, tokenizer_dir: str | None = None,
     header) and builds the modules without memory, for inspection (python -m ldm.info); the
     tokenizer is then optional."""
     path = os.fspath(path)
+    if path == DEFAULT_MODEL and not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such file (the bundled toy model; python -m "
+                              "train.pretrain builds it)")
     meta = torch.device(device).type == "meta"
     folder = is_diffusers_folder(path)
     parts = _diffusers_parts(path, meta) if folder else _single_file_parts(path, meta)

@@ -1,0 +1,127 @@
+"""Text to image with our Stable Diffusion stack: DDIM, classifier-free guidance, a PNG grid.
+
+    python -m edit.sample --prompt "a red star on the left" --n 4 --out grid.png
+    python -m edit.sample --model sd-v1-5.safetensors --prompt "a photo of a cat" \\
+        --steps 25 --guidance 7.5 --size 512 --device cuda --out cats.png
+
+Every --prompt gets one row of --n images. Row i, column j starts from the noise of seed
+`--seed` image j, so each column shares its starting noise across prompts: a grid shows what
+the prompt changes and nothing else. The default model is the bundled toy model.
+
+Exit status 2 with one line on stderr for a model or argument it cannot use.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+from edit.grid import save_grid
+from ldm.checkpoint import DEFAULT_MODEL, CheckpointError, load
+from ldm.schedule import PREDICTION_TYPES
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m edit.sample", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default=DEFAULT_MODEL, metavar="PATH",
+                       help="SD 1.x / 2.x .safetensors, .ckpt or diffusers folder "
+                            "(default: the bundled toy model)")
+    model.add_argument("--tokenizer", metavar="DIR",
+                       help="folder with vocab.json + merges.txt (default: tokenizer/ beside the "
+                            "model, else an installed CLIP BPE vocabulary)")
+    model.add_argument("--prediction-type", choices=PREDICTION_TYPES,
+                       help="what the network predicts (default: decided by rule, see "
+                            "python -m ldm.info)")
+    # Spectral shifts will plug in here: --shift FILE[:WEIGHT], repeatable, each file's deltas
+    # scaled by WEIGHT and added (spectral.combine), merged into the weights once before sampling.
+    model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    model.add_argument("--dtype", choices=DTYPES,
+                       help="default: float16 on CUDA, float32 on the CPU")
+
+    sampling = parser.add_argument_group("sampling")
+    sampling.add_argument("--prompt", action="append", required=True,
+                          help="text prompt; repeat for more rows")
+    sampling.add_argument("--negative-prompt", default="",
+                          help="the unconditional side of guidance (default: empty)")
+    sampling.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
+    sampling.add_argument("--guidance", type=float, default=7.5,
+                          help="classifier-free guidance scale; 1 disables it (default 7.5)")
+    sampling.add_argument("--eta", type=float, default=0.0,
+                          help="DDIM noise: 0 deterministic, 1 DDPM-like (default 0)")
+    sampling.add_argument("--seed", type=int, default=0)
+    sampling.add_argument("--n", type=int, default=4, help="images per prompt (default 4)")
+    sampling.add_argument("--size", type=int,
+                          help="image height and width in pixels (default: the model's, e.g. "
+                               "512 for SD 1.x, 32 for the toy model)")
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", default="grid.png", help="PNG grid to write (default grid.png)")
+    output.add_argument("--plain", action="store_true", help="no captions under the images")
+    output.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Bad values -> ValueError with a one-line message, before any model is loaded."""
+    if args.steps < 1 or args.steps > 999:
+        raise ValueError(f"--steps must be in 1..999, got {args.steps}")
+    if args.n < 1:
+        raise ValueError(f"--n must be at least 1, got {args.n}")
+    if args.eta < 0:
+        raise ValueError(f"--eta must be >= 0, got {args.eta}")
+    if args.size is not None and args.size < 8:
+        raise ValueError(f"--size must be at least 8, got {args.size}")
+    if not args.out.lower().endswith(".png"):
+        raise ValueError(f"--out must name a .png file, got {args.out}")
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(folder):
+        raise ValueError(f"--out: no such folder {folder}")
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device: unknown device {args.device!r}") from None
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but no CUDA device is available")
+
+
+def run(args: argparse.Namespace) -> str:
+    """Generate the grid described by parsed arguments; returns the path written."""
+    check_args(args)
+    dtype = DTYPES[args.dtype] if args.dtype else (
+        torch.float16 if torch.device(args.device).type == "cuda" else torch.float32)
+    model = load(args.model, tokenizer_dir=args.tokenizer, prediction_type=args.prediction_type,
+                 device=args.device, dtype=dtype)
+    images, labels = [], []
+    for prompt in args.prompt:
+        images.append(model.generate([prompt] * args.n, negative_prompt=args.negative_prompt,
+                                     steps=args.steps, guidance=args.guidance, eta=args.eta,
+                                     seed=args.seed, height=args.size, width=args.size,
+                                     progress=not args.quiet).cpu())
+        labels += [prompt] * args.n
+    save_grid(torch.cat(images), args.out, columns=args.n, labels=None if args.plain else labels)
+    return args.out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    start = time.perf_counter()
+    try:
+        path = run(args)
+    except (CheckpointError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path} ({len(args.prompt)} x {args.n} images, "
+          f"{time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
