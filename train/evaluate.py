@@ -101,7 +101,7 @@ def loss_fn(logits, y):
                for k, l in enumerate(logits))
 
 
-def train_reader(n=12000, epochs=4, batch=128, seed=1234, path=READER_PATH):
+def train_reader(n=16000, epochs=8, batch=128, seed=1234, path=READER_PATH):
     """Train the reader on renders (dataset seed distinct from pretraining's) and save it."""
     from safetensors.torch import save_file
     from tqdm import tqdm
@@ -199,7 +199,8 @@ def match(wanted, seen):
 def accuracy(prompts, readings):
     """Share of samples right per attribute (and "all"), for prompts[i] read as readings[i]."""
     rows = [match(parse(p), r) for p, r in zip(prompts, readings)]
-    return {k: float(np.mean([row[k] for row in rows if k in row])) for k in rows[0]}
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    return {k: float(np.mean([row[k] for row in rows if k in row])) for k in keys}
 
 
 def subject_fidelity(readings, subject):

@@ -60,15 +60,18 @@ class PretrainConfig:
     num_images: int = 30000             # distinct captioned scenes (dataset seed = seed)
     # VAE
     vae_ch: int = 32
-    vae_ch_mult: tuple[int, ...] = (1, 2)
+    # the full-resolution level is 64 wide: GroupNorm has 32 groups (SD's), and with one channel
+    # per group it is an instance norm right before conv_out, which erases a flat image's
+    # absolute color (measured: a (1, 2) VAE renders every object brown); two per group keep it
+    vae_ch_mult: tuple[int, ...] = (2, 2)
     vae_res_blocks: int = 1
-    vae_steps: int = 600
-    vae_batch: int = 32
-    vae_lr: float = 2e-3
+    vae_steps: int = 800
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
     kl_weight: float = 1e-6
     # UNet (SD 1 layout: conv proj_in/out, num_heads, no attention at the finest level)
     model_channels: int = 32
-    channel_mult: tuple[int, ...] = (1, 2, 2)
+    channel_mult: tuple[int, ...] = (2, 2, 2)   # 64 wide at the output norm, as for the VAE
     attention_resolutions: tuple[int, ...] = (2, 4)
     num_res_blocks: int = 1
     num_heads: int = 4
@@ -78,8 +81,8 @@ class PretrainConfig:
     text_heads: int = 2
     # UNet + text training
     steps: int = 4000
-    batch: int = 64
-    lr: float = 8e-4
+    batch: int = 32
+    lr: float = 6e-4
     warmup: int = 200
     p_uncond: float = 0.1
     ema: float = 0.999
@@ -177,6 +180,12 @@ def step_generator(seed, stage, step):
 
 def train_vae(config, vae, state, work):
     images = to_tensor(toyworld.texture_dataset(config.num_images // 2, config.seed + 1))
+    if "vae_step" not in state:
+        # start almost deterministic, std(z | x) = e^-5: with the initial std of 1 the decoder
+        # sees mostly noise and learns the mean image for hundreds of steps; the tiny KL weight
+        # would take far longer than our budget to shrink it
+        with torch.no_grad():
+            vae.quant_conv.bias[vae.config.embed_dim:] = -10.0
     opt = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
     if "vae_opt" in state:
         opt.load_state_dict(state["vae_opt"])
