@@ -279,7 +279,7 @@ def unet_config_from_state_dict(sd: dict, family: str) -> tuple[UNetConfig, str]
     heads = dict(num_heads=8) if family == "sd1" else dict(num_heads=-1, num_head_channels=64)
     config = UNetConfig(
         in_channels=first.shape[1], out_channels=sd["out.2.weight"].shape[0], model_channels=ch,
-        attention_resolutions=tuple(attention_resolutions), num_res_blocks=num_res_blocks,
+        attention_resolutions=tuple(reversed(attention_resolutions)), num_res_blocks=num_res_blocks,
         channel_mult=tuple(channel_mult), context_dim=sd["middle_block.1.transformer_blocks.0"
                                                          ".attn2.to_k.weight"].shape[1],
         use_linear_in_transformer=sd["middle_block.1.proj_in.weight"].ndim == 2,

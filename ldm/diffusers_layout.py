@@ -136,8 +136,8 @@ def unet_config(cfg: dict) -> tuple[UNetConfig, str]:
     config = UNetConfig(
         in_channels=cfg["in_channels"], out_channels=cfg["out_channels"],
         model_channels=widths[0], channel_mult=tuple(w // widths[0] for w in widths),
-        attention_resolutions=tuple(2 ** i for i, t in enumerate(cfg["down_block_types"])
-                                    if t.startswith("CrossAttn")),
+        attention_resolutions=tuple(2 ** i for i, t in reversed(list(enumerate(
+            cfg["down_block_types"]))) if t.startswith("CrossAttn")),  # CompVis order: (4, 2, 1)
         num_res_blocks=per_level["layers_per_block"], context_dim=cfg["cross_attention_dim"],
         use_linear_in_transformer=bool(cfg.get("use_linear_projection", False)),
         transformer_depth=per_level["transformer_layers_per_block"],

@@ -32,7 +32,7 @@ UNET = {
     "sd1": UNetConfig(model_channels=32, channel_mult=(1, 2), attention_resolutions=(1,),
                       num_res_blocks=1, num_heads=8, context_dim=64),
     # attention at both levels, depth 2, two res blocks (upsampler at .2 after attention)
-    "sd2": UNetConfig(model_channels=64, channel_mult=(1, 1), attention_resolutions=(1, 2),
+    "sd2": UNetConfig(model_channels=64, channel_mult=(1, 1), attention_resolutions=(2, 1),
                       num_res_blocks=2, num_heads=-1, num_head_channels=64, context_dim=64,
                       use_linear_in_transformer=True, transformer_depth=2, upcast_attention=True),
 }
