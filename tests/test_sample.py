@@ -1,0 +1,103 @@
+"""StableDiffusion.generate and python -m edit.sample end to end on a tiny saved model."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from edit import sample
+from ldm import checkpoint as ckpt
+from ldm import ddim
+from tiny import tiny_model
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny SD 1 model saved as a single file with its tokenizer beside it."""
+    folder = tmp_path_factory.mktemp("sample")
+    model = tiny_model("sd1", tokenizer_dir=str(folder / "tokenizer"))
+    ckpt.save_single_file(str(folder / "tiny.safetensors"), model)
+    return model, folder
+
+
+@torch.no_grad()
+def test_generate_is_ddim_then_decode(saved):
+    """generate() = noise from the seed, ddim.sample with guidance, decode, map to [0, 1]."""
+    model, _ = saved
+    prompts = ["a red star", "a photo of a cat"]
+    images = model.generate(prompts, negative_prompt="blue", steps=3, guidance=5.0, eta=0.5,
+                            seed=7, progress=False)
+    g = torch.Generator().manual_seed(7)
+    x_T = torch.randn(2, 4, 16, 16, generator=g)
+    latents = ddim.sample(model.denoise, x_T, model.encode_prompts(prompts),
+                          uncond=model.encode_prompts(["blue", "blue"]), guidance=5.0,
+                          schedule=model.schedule, steps=3, eta=0.5, generator=g,
+                          prediction_type=model.prediction_type, progress=False)
+    expected = ((model.vae.decode_latents(latents) + 1) / 2).clamp(0, 1)
+    assert images.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(images, expected, rtol=0, atol=0)
+    again = model.generate(prompts, negative_prompt="blue", steps=3, guidance=5.0, eta=0.5,
+                           seed=7, progress=False)
+    assert torch.equal(images, again)
+    other = model.generate(prompts, steps=3, guidance=1.0, seed=8, progress=False)
+    assert not torch.equal(images, other)
+    with pytest.raises(ValueError, match="multiple of"):
+        model.generate(prompts, steps=1, height=30, width=32, progress=False)
+
+
+def test_cli_writes_grid_of_the_right_size(saved, tmp_path):
+    model, folder = saved
+    out = tmp_path / "grid.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "edit.sample", "--model", str(folder / "tiny.safetensors"),
+         "--prompt", "a red star", "--prompt", "a photo of a cat", "--n", "3", "--steps", "2",
+         "--seed", "3", "--out", str(out), "--plain", "--quiet"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    grid = np.asarray(Image.open(out))
+    assert grid.shape == (2 * (32 + 2) + 2, 3 * (32 + 2) + 2, 3)  # 2 rows, 3 columns, padding 2
+    # the top-left tile is what the API gives for the first prompt with the same seed
+    images = model.generate(["a red star"] * 3, steps=2, seed=3, progress=False)
+    tile = (images[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    assert np.array_equal(grid[2:34, 2:34], tile)
+
+
+def test_cli_captions(saved, tmp_path):
+    _, folder = saved
+    out = tmp_path / "captioned.png"
+    assert sample.main(["--model", str(folder / "tiny.safetensors"), "--prompt", "a red star",
+                        "--n", "2", "--steps", "1", "--out", str(out), "--quiet"]) == 0
+    width, height = Image.open(out).size
+    assert width == 2 * (128 + 2) + 2 and height > 128 + 2  # tiles enlarged x4, caption below
+
+
+def test_cli_bad_inputs(saved, tmp_path, capsys):
+    _, folder = saved
+    model = str(folder / "tiny.safetensors")
+    cases = {
+        "no such file": ["--model", str(tmp_path / "none.ckpt"), "--prompt", "x"],
+        "--steps must be": ["--model", model, "--prompt", "x", "--steps", "0"],
+        "--n must be": ["--model", model, "--prompt", "x", "--n", "0"],
+        "multiple of": ["--model", model, "--prompt", "x", "--size", "34", "--steps", "1"],
+        "no such folder": ["--model", model, "--prompt", "x", "--out", str(tmp_path / "a/b.png")],
+        ".png": ["--model", model, "--prompt", "x", "--out", str(tmp_path / "grid.jpg")],
+        "not a checkpoint": ["--model", str(folder / "tokenizer" / "vocab.json"), "--prompt", "x"],
+    }
+    for message, argv in cases.items():
+        if "--out" not in argv:
+            argv = argv + ["--out", str(tmp_path / "g.png")]
+        assert sample.main(argv + ["--quiet"]) == 2, message
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_cli_help():
+    result = subprocess.run([sys.executable, "-m", "edit.sample", "--help"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    for option in ("--model", "--prompt", "--negative-prompt", "--steps", "--guidance", "--eta",
+                   "--seed", "--n", "--size", "--out", "--tokenizer", "--prediction-type"):
+        assert option in result.stdout
