@@ -1,0 +1,147 @@
+"""Shift files: the trained deltas of SVDiff as safetensors, plus JSON metadata.
+
+A shift file for SD 1.5 is about 1.7 MB: one float32 per singular value of each weight matrix
+plus one per norm channel.
+
+    tensors   "<component>.<module path>" -> delta, float32, e.g.
+              "unet.input_blocks.1.1.transformer_blocks.0.attn2.to_k" (320,)
+              "text.transformer.encoder.layers.0.self_attn.q_proj"    (768,)
+    metadata  every value a JSON string:
+              format            "svdiff-shifts/1"
+              layers            the entry names, sorted
+              counts            {"layers": L, "parameters": P, "bytes": 4 P}
+              base_fingerprint  identifies the base weights the shifts were trained on
+              training_args     whatever the trainer passes (a dict)
+              (and any other keys the caller adds)
+
+Every refusal is a ShiftFileError with a one-line message: an unreadable file, a file from
+another base model, missing / extra / wrongly shaped entries.
+
+load_mkshing reads the spectral_shifts.safetensors files of mkshing/svdiff-pytorch.
+"""
+
+import json
+import os
+from typing import Any, Callable, Mapping
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+FORMAT = "svdiff-shifts/1"
+
+
+class ShiftFileError(ValueError):
+    """A shift file or delta dict that does not fit; the message is one line."""
+
+
+def _names(names, limit: int = 3) -> str:
+    names = sorted(names)
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def check_entries(deltas: Mapping[str, Tensor], expected: Mapping[str, tuple], source: str) -> None:
+    """Refuse `deltas` unless its names are exactly `expected`'s and every shape matches."""
+    missing, extra = expected.keys() - deltas.keys(), deltas.keys() - expected.keys()
+    if missing or extra:
+        parts = ([f"missing {_names(missing)}"] if missing else []) + ([f"unexpected {_names(extra)}"] if extra else [])
+        raise ShiftFileError(f"{source} does not fit this model: " + "; ".join(parts))
+    wrong = [n for n in deltas if tuple(deltas[n].shape) != tuple(expected[n])]
+    if wrong:
+        n = sorted(wrong)[0]
+        raise ShiftFileError(f"{source} does not fit this model: {len(wrong)} entries of the wrong shape, "
+                             f"e.g. {n} {tuple(deltas[n].shape)} where the model has {tuple(expected[n])}")
+
+
+def save_shifts(path: str | os.PathLike, deltas: Mapping[str, Tensor], metadata: Mapping[str, Any] | None = None) -> None:
+    """Write {name: delta} as float32 safetensors; `metadata` values (e.g. base_fingerprint,
+    training_args) are stored as JSON next to format, layers and counts."""
+    tensors = {name: d.detach().to("cpu", torch.float32).contiguous() for name, d in deltas.items()}
+    parameters = sum(t.numel() for t in tensors.values())
+    header = {"format": FORMAT, "layers": sorted(tensors),
+              "counts": {"layers": len(tensors), "parameters": parameters, "bytes": 4 * parameters},
+              **(metadata or {})}
+    save_file(tensors, path, metadata={key: json.dumps(value, default=str) for key, value in header.items()})
+
+
+def _read(path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    if not os.path.isfile(path):
+        raise ShiftFileError(f"{path}: no such shift file")
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}, f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise ShiftFileError(f"{path}: not a readable safetensors file ({error})") from None
+
+
+def load_shifts(path: str | os.PathLike, expect_fingerprint: str | None = None,
+                expect_shapes: Mapping[str, tuple] | None = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Read a shift file -> ({name: delta float32}, metadata with JSON decoded).
+
+    expect_fingerprint: the base model's fingerprint; a file trained on another base is refused.
+    expect_shapes: {name: shape} the caller will load into; anything else is refused.
+    """
+    tensors, raw = _read(path)
+    if "format" not in raw:
+        if tensors and all(name.endswith(".delta") for name in tensors):
+            raise ShiftFileError(f"{path}: an mkshing/svdiff-pytorch file ('<module>.delta' keys); "
+                                 "read it with spectral.io.load_mkshing")
+        raise ShiftFileError(f"{path}: not an svdiff shift file (no 'format' metadata)")
+    try:
+        metadata = {key: json.loads(value) for key, value in raw.items()}
+    except json.JSONDecodeError as error:
+        raise ShiftFileError(f"{path}: metadata is not JSON ({error})") from None
+    if metadata["format"] != FORMAT:
+        raise ShiftFileError(f"{path}: format {metadata['format']!r}, this version reads {FORMAT!r}")
+    if sorted(tensors) != metadata.get("layers"):
+        raise ShiftFileError(f"{path}: its tensors do not match its own layer list (damaged file?)")
+    bad = [n for n, t in tensors.items() if not t.is_floating_point() or not torch.isfinite(t).all()]
+    if bad:
+        raise ShiftFileError(f"{path}: non-float or non-finite values in {_names(bad)}")
+    found = metadata.get("base_fingerprint")
+    if expect_fingerprint is not None and found != expect_fingerprint:
+        raise ShiftFileError(f"{path} was trained on another base model (fingerprint {str(found)[:16]}, "
+                             f"this model {expect_fingerprint[:16]})")
+    if expect_shapes is not None:
+        check_entries(tensors, expect_shapes, str(path))
+    return {name: t.float() for name, t in tensors.items()}, metadata
+
+
+def load_mkshing(path: str | os.PathLike, rename: Callable[[str], str],
+                 model: nn.Module | None = None) -> dict[str, Tensor]:
+    """Read mkshing/svdiff-pytorch's spectral_shifts(_te).safetensors -> {our module path: delta}.
+
+    Their keys are "<module path>.delta" in diffusers' UNet2DConditionModel names
+    ("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.delta", "conv_in.delta",
+    "down_blocks.0.resnets.0.norm1.delta") or transformers' CLIPTextModel names
+    ("text_model.encoder.layers.0.self_attn.q_proj.delta", "text_model.final_layer_norm.delta").
+    `rename` maps such a module path (without ".delta") to ours.
+
+    Matrix deltas carry over as they are: the same thin SVD of the same (c_out, c_in*kh*kw)
+    matrix, singular values in descending order. Their norm layers are 1 x c matrices with one
+    singular value |gamma|, so their delta is one scalar d that rescales the whole scale vector,
+        gamma' = U ReLU(|gamma| + d) Vh = gamma * ReLU(|gamma| + d) / |gamma|,
+    which is our full-vector additive shift gamma' - gamma. Converting it needs gamma: pass the
+    `model` (plain or attached) the names refer to; it also checks that every name exists.
+    """
+    tensors, _ = _read(path)
+    not_delta = [name for name in tensors if not name.endswith(".delta")]
+    if not_delta:
+        raise ShiftFileError(f"{path}: not an mkshing shift file (keys like {_names(not_delta)})")
+    modules = dict(model.named_modules()) if model is not None else None
+    deltas = {}
+    for key, delta in tensors.items():
+        name = rename(key[: -len(".delta")])
+        delta = delta.float()
+        if modules is not None and name not in modules:
+            raise ShiftFileError(f"{path}: {key} maps to {name!r}, which is not a module of the model")
+        gamma = getattr(modules[name], "weight", None) if modules is not None else None
+        if gamma is not None and gamma.dim() == 1:          # a norm layer: scalar -> vector shift
+            gamma = gamma.detach().float()
+            norm = gamma.norm()
+            delta = gamma * (torch.relu(norm + delta) / norm - 1)
+        elif modules is None and delta.shape == (1,):
+            raise ShiftFileError(f"{path}: {key} looks like a per-norm scalar shift; pass model= to convert it")
+        deltas[name] = delta
+    return deltas
