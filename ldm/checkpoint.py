@@ -33,6 +33,7 @@ import zipfile
 from dataclasses import asdict
 
 import torch
+from transformers import CLIPTextConfig
 
 from ldm import diffusers_layout
 from ldm import text as ldm_text
@@ -74,10 +75,12 @@ def _safetensors_header(path: str) -> tuple[dict, dict]:
                                   f"bytes, file of {size})")
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
-    metadata = header.pop("__metadata__", None) or {}
-    end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
+            metadata = header.pop("__metadata__", None) or {}
+            end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError,
+                TypeError, IndexError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({type(e).__name__}: "
+                                  f"{e})") from None
     if 8 + n + end > size:
         raise CheckpointError(f"{path}: truncated safetensors file (tensors need {8 + n + end} "
                               f"bytes, the file has {size})")
@@ -103,8 +106,11 @@ def _read_pickle(path: str, meta: bool) -> tuple[dict, dict]:
         obj = torch.load(path, map_location="cpu", weights_only=True,
                          mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL (\S+)", str(e))
-        what = f" (it asks for {found.group(1)})" if found else ""
+        found = re.search(r"GLOBAL (\S+)|Unsupported class (\S+)", str(e))
+        name = found and (found.group(1) or found.group(2))
+        what = f" (it asks for {name})" if name else ""
+        if name and name.startswith(("pytorch_lightning.", "lightning.")):
+            what += ", a training callback saved beside the weights"
         raise CheckpointError(f"{path}: refused: this pickle needs more than tensors to load"
                               f"{what}; it was not unpickled. Convert it to .safetensors with a "
                               "tool you trust") from None
@@ -142,8 +148,8 @@ def read_single_file(path: str, meta: bool = False) -> tuple[dict, dict]:
     """(state dict, metadata) of a .safetensors or torch.save file, told apart by content.
     meta=True gives tensors on the meta device (shapes and dtypes only)."""
     if os.path.isdir(path):
-        raise CheckpointError(f"{path}: is a directory, not a diffusers folder (no model_index.json "
-                              "nor unet/ vae/ text_encoder/)")
+        raise CheckpointError(f"{path}: is a directory, not a diffusers folder (no "
+                              "model_index.json nor unet/ vae/ text_encoder/)")
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file")
     kind = file_format(path)
@@ -168,8 +174,8 @@ def detect_family(state_dict: dict) -> tuple[str, str]:
 
     lora = [k for k in keys if re.search(r"(^|[._])lora[._]|lora_(up|down|A|B)\b", k)]
     if lora:
-        raise CheckpointError(f"a LoRA file ({len(lora)} LoRA keys such as {lora[0]!r}), not a base "
-                              "model")
+        raise CheckpointError(f"a LoRA file ({len(lora)} LoRA keys such as {lora[0]!r}), not a "
+                              "base model")
     if has("conditioner.embedders."):
         raise CheckpointError("an SDXL checkpoint (conditioner.embedders.* keys); only SD 1.x and "
                               "2.x are supported")
@@ -284,8 +290,8 @@ def unet_config_from_state_dict(sd: dict, family: str) -> tuple[UNetConfig, str]
                                                          ".attn2.to_k.weight"].shape[1],
         use_linear_in_transformer=sd["middle_block.1.proj_in.weight"].ndim == 2,
         transformer_depth=depths.pop(), upcast_attention=family == "sd2", **heads)
-    rule = ("shapes; heads by convention: " +
-            ("SD 1.x 8 heads" if family == "sd1" else "SD 2.x 64 channels per head, fp32 attention"))
+    rule = "shapes; heads by convention: " + ("SD 1.x 8 heads" if family == "sd1" else
+                                              "SD 2.x 64 channels per head, fp32 attention")
     return config, rule
 
 
@@ -345,7 +351,8 @@ def _diffusers_parts(path: str, meta: bool) -> dict:
         if unet_config.in_channels != 4:
             raise ValueError(f"UNet in_channels {unet_config.in_channels} (inpainting, depth, "
                              "pix2pix or upscaler); text-to-image models have 4")
-        text_config = _clip_config(_read_json(os.path.join(path, "text_encoder", "config.json")))
+        text_config = CLIPTextConfig(**_read_json(os.path.join(path, "text_encoder",
+                                                               "config.json")))
         unet_sd = diffusers_layout.unet_state_dict(
             _component_weights(os.path.join(path, "unet"), meta), unet_config)
         vae_sd = diffusers_layout.vae_state_dict(
@@ -371,10 +378,6 @@ def _diffusers_parts(path: str, meta: bool) -> dict:
 
 # ----------------------------------------------------------------------------- single files
 
-def _clip_config(values: dict):
-    return ldm_text.sd1_text_config().__class__(**values)
-
-
 def _single_file_parts(path: str, meta: bool) -> dict:
     state_dict, metadata = read_single_file(path, meta)
     try:
@@ -385,9 +388,12 @@ def _single_file_parts(path: str, meta: bool) -> dict:
     if METADATA_KEY in metadata:
         try:
             stored = json.loads(metadata[METADATA_KEY])
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path}: corrupt {METADATA_KEY} metadata ({e})") from None
-        family, family_rule = stored["family"], f"file metadata ({METADATA_KEY})"
+            family, family_rule = stored["family"], f"file metadata ({METADATA_KEY})"
+            unet_config, vae_config = UNetConfig(**stored["unet"]), VAEConfig(**stored["vae"])
+            text_config = CLIPTextConfig(**stored["text"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: corrupt {METADATA_KEY} metadata ({type(e).__name__}: "
+                                  f"{e})") from None
     unet_sd = {k[len(UNET_PREFIX):]: v for k, v in state_dict.items() if k.startswith(UNET_PREFIX)}
     # (some VAE checkpoints keep their training loss, LPIPS and discriminator, under loss.*)
     vae_sd = {k[len(VAE_PREFIX):]: v for k, v in state_dict.items() if k.startswith(VAE_PREFIX)
@@ -408,9 +414,6 @@ def _single_file_parts(path: str, meta: bool) -> dict:
         decided["ignored"] = f"{len(ignored) - ema} other keys (e.g. " + \
             ", ".join([k for k in ignored if not k.startswith("model_ema.")][:3]) + ")"
     if stored:
-        unet_config = UNetConfig(**stored["unet"])
-        vae_config = VAEConfig(**stored["vae"])
-        text_config = _clip_config(stored["text"])
         for part in ("unet_config", "vae_config", "text_config"):
             decided[part] = f"file metadata ({METADATA_KEY})"
     else:

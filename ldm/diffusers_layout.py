@@ -81,9 +81,11 @@ def diffusers_unet_name_to_compvis(name: str, config: UNetConfig) -> str:
 def diffusers_vae_name_to_compvis(name: str, levels: int) -> str:
     """Parameter path in diffusers' AutoencoderKL -> CompVis. The decoder's up_blocks run from
     the deepest level while CompVis indexes decoder.up by level: up_blocks.i = up.(L-1-i).
-        (en|de)coder.down_blocks.i.resnets.j     encoder.down.i.block.j   (conv_shortcut -> nin_shortcut)
+        encoder.down_blocks.i.resnets.j          encoder.down.i.block.j
         encoder.down_blocks.i.downsamplers.0     encoder.down.i.downsample
+        decoder.up_blocks.i.resnets.j            decoder.up.(L-1-i).block.j
         decoder.up_blocks.i.upsamplers.0         decoder.up.(L-1-i).upsample
+        *.resnets.j.conv_shortcut                *.block.j.nin_shortcut
         *.mid_block.resnets.{0,1}                *.mid.block_{1,2}
         *.mid_block.attentions.0                 *.mid.attn_1  (group_norm to_q to_k to_v to_out.0
                                                                 -> norm q k v proj_out)

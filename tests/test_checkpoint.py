@@ -213,7 +213,8 @@ def test_diffusers_folder_matches_diffusers(tiny, legacy, tmp_path):
         "encode": loaded.vae.encode(image).mean - vae.encode(image).latent_dist.mean,
     }
     diffs = {k: v.abs().max().item() for k, v in diffs.items()}
-    print(model.family, "legacy" if legacy else "current", {k: f"{v:.1e}" for k, v in diffs.items()})
+    print(model.family, "legacy" if legacy else "current",
+          {k: f"{v:.1e}" for k, v in diffs.items()})
     assert max(diffs.values()) <= 1e-5
 
 

@@ -49,7 +49,8 @@ def write_sparse_safetensors(path, shapes: dict) -> int:
     header, offset = {}, 0
     for name, shape in shapes.items():
         size = 2 * int(torch.Size(shape).numel())
-        header[name] = {"dtype": "F16", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        header[name] = {"dtype": "F16", "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
         offset += size
     blob = json.dumps(header).encode()
     blob += b" " * (-len(blob) % 8)
