@@ -125,6 +125,7 @@ def load_mkshing(path: str | os.PathLike, rename: Callable[[str], str],
     which is our full-vector additive shift gamma' - gamma. Converting it needs gamma: pass the
     `model` (plain or attached) the names refer to; it also checks that every name exists.
     """
+    from spectral.layers import NORMS, ShiftedNorm      # (spectral.layers imports this module)
     tensors, _ = _read(path)
     not_delta = [name for name in tensors if not name.endswith(".delta")]
     if not_delta:
@@ -136,9 +137,8 @@ def load_mkshing(path: str | os.PathLike, rename: Callable[[str], str],
         delta = delta.float()
         if modules is not None and name not in modules:
             raise ShiftFileError(f"{path}: {key} maps to {name!r}, which is not a module of the model")
-        gamma = getattr(modules[name], "weight", None) if modules is not None else None
-        if gamma is not None and gamma.dim() == 1:          # a norm layer: scalar -> vector shift
-            gamma = gamma.detach().float()
+        if modules is not None and isinstance(modules[name], (*NORMS, ShiftedNorm)):   # scalar -> vector
+            gamma = modules[name].weight.detach().float()
             norm = gamma.norm()
             delta = gamma * (torch.relu(norm + delta) / norm - 1)
         elif modules is None and delta.shape == (1,):

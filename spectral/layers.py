@@ -76,6 +76,13 @@ class Spectral(nn.Module):
             return reconstruct(self.U, self.sigma, self.delta.detach(), self.Vh)
         return ((self.U.double() * self.sigma.double()) @ self.Vh.double()).to(self.U.dtype)
 
+    @property
+    def weight(self) -> Tensor:
+        """W_delta in the layer's weight shape, rebuilt on every access: a detached copy for
+        code that inspects a layer's weight (transformers reads position_embedding.weight.shape).
+        The forward never uses it; for a big layer it costs a full rebuild."""
+        return self.weight_matrix(shifted=True).view(self.weight_shape)
+
     def _plain(self, layer: nn.Module, weight: Tensor) -> nn.Module:
         """Give a layer built on the meta device its (frozen) weight and our bias."""
         layer.weight = nn.Parameter(weight, requires_grad=False)
@@ -90,6 +97,7 @@ class SpectralLinear(Spectral):
     def __init__(self, layer: nn.Linear, factors: Factors):
         super().__init__(factors, layer.bias)
         self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.weight_shape = tuple(layer.weight.shape)
 
     def forward(self, x: Tensor) -> Tensor:
         return function.linear(x, self.U, self.sigma, self.delta, self.Vh, self.bias)
@@ -110,6 +118,7 @@ class SpectralConv(Spectral):
         self.in_channels, self.out_channels = layer.in_channels, layer.out_channels
         self.kernel_size, self.stride, self.dilation = layer.kernel_size, layer.stride, layer.dilation
         self.padding = _explicit_padding(layer)
+        self.weight_shape = tuple(layer.weight.shape)
 
     def forward(self, x: Tensor) -> Tensor:
         return function.conv(x, self.U, self.sigma, self.delta, self.Vh, self.bias,
@@ -119,8 +128,7 @@ class SpectralConv(Spectral):
         kind = nn.Conv1d if len(self.kernel_size) == 1 else nn.Conv2d
         layer = kind(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
                      self.dilation, bias=self.bias is not None, device="meta")
-        weight = self.weight_matrix(shifted).view(self.out_channels, self.in_channels, *self.kernel_size)
-        return self._plain(layer, weight)
+        return self._plain(layer, self.weight_matrix(shifted).view(self.weight_shape))
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -134,6 +142,7 @@ class SpectralEmbedding(Spectral):
         super().__init__(factors, None)
         self.num_embeddings, self.embedding_dim = layer.num_embeddings, layer.embedding_dim
         self.padding_idx = layer.padding_idx
+        self.weight_shape = tuple(layer.weight.shape)
 
     def forward(self, ids: Tensor) -> Tensor:
         return function.embedding(ids, self.U, self.sigma, self.delta, self.Vh, self.padding_idx)
