@@ -190,8 +190,9 @@ def ensure_class_images(directory: str | Path, count: int, prompt: str,
                         batch_size: int, seed: int, progress: bool = True) -> list[Image.Image]:
     """The first `count` images of `directory`, generating the missing ones with `generate`.
 
-    `generate(prompts, seeds)` returns one PIL image per prompt; image i is made with seed
-    `seed + i`, so an interrupted generation continues where it stopped and gives the same set.
+    `generate(prompts, seeds)` returns one PIL image per prompt, for the seeds of image indices
+    (seed + i); images are written one by one, so an interrupted generation continues where
+    it stopped.
     A note `prompt.txt` records the prompt; a directory made for another prompt is refused,
     since its images would teach the wrong prior.
     """
@@ -217,7 +218,11 @@ def ensure_class_images(directory: str | Path, count: int, prompt: str,
                 temporary.replace(directory / f"class-{i:05d}.png")
             bar.update(len(indices))
         bar.close()
-    return read_images(directory, what="--class-dir")[:count]
+    images = []
+    for path in sorted(directory.glob("class-*.png"))[:count]:
+        with Image.open(path) as image:
+            images.append(to_rgb(image))
+    return images
 
 
 # -------------------------------------------------------------------------------------------
