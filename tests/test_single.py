@@ -1,0 +1,261 @@
+"""train/single.py on a tiny random SD checkpoint written to a temporary folder: the loss, the
+files a run writes, the shift file's binding to its base model, exact --resume, bad inputs."""
+
+import csv
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import spectral
+from ldm import checkpoint
+from tiny import tiny_model
+from train import single
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a loaded 2-core machine extra threads
+    spin-wait: a 2 s run took 40 s with two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Two different tiny SD 1 checkpoints (with tokenizers), the subject's images (in odd sizes
+    and modes, plus a file that is not an image), and a shared SVD cache."""
+    root = tmp_path_factory.mktemp("single")
+    paths = {}
+    for name, seed in (("base", 0), ("other", 1)):
+        folder = root / name
+        model = tiny_model("sd1", tokenizer_dir=str(folder / "tokenizer"), seed=seed)
+        paths[name] = str(folder / "model.safetensors")
+        checkpoint.save_single_file(paths[name], model)
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(images / "a.png")
+    Image.fromarray(rng.integers(0, 255, (24, 40, 4), dtype=np.uint8), "RGBA").save(images / "b.png")
+    Image.fromarray(rng.integers(0, 255, (50, 36), dtype=np.uint8), "L").save(images / "c.jpg")
+    (images / "notes.txt").write_text("not an image")
+    paths["images"] = str(images)
+    paths["cache"] = str(root / "svd-cache")
+    paths["class"] = str(root / "class-images")
+    return paths
+
+
+def argv(files, out, *extra):
+    return ["--model", files["base"], "--instance-dir", files["images"],
+            "--instance-prompt", "a sks star", "--class-prompt", "a star",
+            "--class-dir", files["class"], "--num-class-images", "2", "--batch-size", "1",
+            "--sample-steps", "2", "--validation-every", "0", "--eval-samples", "0",
+            "--svd-cache", files["cache"], "--output-dir", str(out), *extra]
+
+
+def read_log(path):
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+# --- the loss -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_loss_matches_float64_formula_and_decreases(prediction_type):
+    torch.manual_seed(0)
+    model = tiny_model("sd1", prediction_type=prediction_type)
+    args = single.build_parser().parse_args(["--svd-cache", "", "--lr", "1e-2"])
+    latents, noise = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16)
+    t = torch.tensor([10, 900])
+    context = model.encode_prompts(["a sks star", "a star"]).detach()
+
+    # oracle: the same loss from alphas_cumprod by hand, in float64, on the plain base model
+    a = model.schedule.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    z, e = latents.double(), noise.double()
+    x_t = a.sqrt() * z + (1 - a).sqrt() * e
+    target = e if prediction_type == "epsilon" else a.sqrt() * e - (1 - a).sqrt() * z
+    with torch.no_grad():
+        out = model.unet(x_t.float(), t, context).double()
+        expected = (out - target).pow(2).mean(dim=(1, 2, 3))
+        torch.testing.assert_close(single.diffusion_loss(model, latents, context, t, noise),
+                                   expected.float(), rtol=1e-5, atol=1e-6)
+
+    # zero shifts are the base model; a few AdamW steps on this fixed batch lower the loss
+    groups = single.attach_trainable(model, args)
+    optimizer = torch.optim.AdamW(groups)
+    losses = []
+    for _ in range(15):
+        loss = single.diffusion_loss(model, latents, context, t, noise).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(expected.mean().item(), rel=1e-5)
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < 0.9 * losses[0]
+
+
+# --- a run, its files, the shift file ---------------------------------------------------------
+
+def test_run_writes_its_files_and_the_shift_file_fits_only_its_base(files, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert single.main(argv(files, out, "--steps", "3")) == 0
+    err = capsys.readouterr().err
+    assert "skipping notes.txt: not an image" in err
+    for name in ("spectral_shifts.safetensors", "checkpoint.pt", "log.csv", "loss.png",
+                 "samples/step-00000.png", "samples/step-00003.png"):
+        assert (out / name).is_file(), name
+    rows = read_log(out / "log.csv")
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    assert all(math.isfinite(float(r["loss"])) and float(r["prior_loss"]) > 0 for r in rows)
+
+    base = checkpoint.load(files["base"])
+    fingerprint = single.base_fingerprint(base)
+    deltas, metadata = spectral.load_shifts(out / "spectral_shifts.safetensors",
+                                            expect_fingerprint=fingerprint)
+    assert metadata["instance_prompt"] == "a sks star" and metadata["step"] == "3"
+    assert any(d.abs().max() > 0 for d in deltas.values())  # training moved the shifts
+    other = checkpoint.load(files["other"])
+    with pytest.raises(spectral.ShiftFileError):
+        spectral.load_shifts(out / "spectral_shifts.safetensors",
+                             expect_fingerprint=single.base_fingerprint(other))
+
+
+@pytest.mark.parametrize("flags", [["--train-text-encoder"], ["--cache-latents"],
+                                   ["--mixed-precision", "bf16"], ["--gradient-checkpointing"],
+                                   ["--full-finetune", "--lr", "1e-5"]])
+def test_options_run(files, tmp_path, flags):
+    out = tmp_path / "run"
+    assert single.main(argv(files, out, "--steps", "2", *flags)) == 0
+    assert all(math.isfinite(float(r["loss"])) for r in read_log(out / "log.csv"))
+    if "--full-finetune" in flags:
+        assert not (out / "spectral_shifts.safetensors").exists()
+        return
+    deltas, _ = spectral.load_shifts(out / "spectral_shifts.safetensors")
+    assert any(k.startswith("text.") for k in deltas) == ("--train-text-encoder" in flags)
+
+
+# --- resume ------------------------------------------------------------------------------------
+
+class Killed(BaseException):
+    """Stands for a kill: not an Exception, so nothing in train() handles it."""
+
+
+def test_resume_after_a_kill_gives_the_uninterrupted_result(files, tmp_path, monkeypatch):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    common = ("--steps", "6", "--save-every", "3")
+    assert single.main(argv(files, whole, *common)) == 0
+
+    calls = {"n": 0}
+    real_loss = single.diffusion_loss
+
+    def dies_in_step_5(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise Killed()
+        return real_loss(*a, **k)
+
+    monkeypatch.setattr(single, "diffusion_loss", dies_in_step_5)
+    with pytest.raises(Killed):
+        single.main(argv(files, killed, *common))
+    monkeypatch.setattr(single, "diffusion_loss", real_loss)
+    assert [int(r["step"]) for r in read_log(killed / "log.csv")] == [1, 2, 3, 4]
+    assert single.main(argv(files, killed, *common, "--resume")) == 0
+
+    a, _ = spectral.load_shifts(whole / "spectral_shifts.safetensors")
+    b, metadata = spectral.load_shifts(killed / "spectral_shifts.safetensors")
+    assert metadata["step"] == "6" and a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert ([r["loss"] for r in read_log(whole / "log.csv")] ==
+            [r["loss"] for r in read_log(killed / "log.csv")])
+
+
+# --- bad input: one line each, exit code 2 (1 for a diverged run) ------------------------------
+
+def error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    return err[-1]
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing", "no such directory"),
+    ("empty", "the directory is empty"),
+    ("junk", "none of its 1 files is a readable image"),
+])
+def test_bad_instance_dirs(files, tmp_path, capsys, case, expected):
+    directory = tmp_path / case
+    if case != "missing":
+        directory.mkdir()
+    if case == "junk":
+        (directory / "x.jpg").write_bytes(b"not a jpeg")
+    args = argv(files, tmp_path / "out", "--steps", "1")
+    args[args.index("--instance-dir") + 1] = str(directory)
+    assert single.main(args) == 2
+    line = error_line(capsys)
+    assert line.startswith("error: --instance-dir") and expected in line
+
+
+def test_instance_prompt_without_the_class_word(files, tmp_path, capsys):
+    args = argv(files, tmp_path / "out", "--steps", "1", "--instance-prompt", "a sks")
+    assert single.main(args) == 2
+    assert "lacks the class word(s) star" in error_line(capsys)
+    args = argv(files, tmp_path / "out", "--steps", "1", "--instance-prompt", "a sks",
+                "--prior-loss-weight", "0", "--validation-prompt", "a sks")
+    assert single.main(args) == 0  # without prior preservation there is no class to keep
+
+
+def test_resume_on_another_base_model_or_without_checkpoint(files, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert single.main(argv(files, out, "--steps", "1", "--prior-loss-weight", "0")) == 0
+    args = argv(files, out, "--steps", "2", "--prior-loss-weight", "0", "--resume")
+    args[args.index("--model") + 1] = files["other"]
+    capsys.readouterr()
+    assert single.main(args) == 2
+    assert "trained on another base model" in error_line(capsys)
+    assert single.main(argv(files, tmp_path / "fresh", "--resume")) == 2
+    assert "--resume: no checkpoint at" in error_line(capsys)
+
+
+def test_missing_model_file(files, tmp_path, capsys):
+    args = argv(files, tmp_path / "out")
+    args[args.index("--model") + 1] = str(tmp_path / "nope.safetensors")
+    assert single.main(args) == 2
+    assert error_line(capsys).startswith("error: ")
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(files, tmp_path, capsys, monkeypatch):
+    real_loss = single.diffusion_loss
+    calls = {"n": 0}
+
+    def nan_in_step_3(*a, **k):
+        calls["n"] += 1
+        loss = real_loss(*a, **k)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(single, "diffusion_loss", nan_in_step_3)
+    out = tmp_path / "run"
+    assert single.main(argv(files, out, "--steps", "5", "--save-every", "2")) == 1
+    line = error_line(capsys)
+    assert "loss is nan at step 3" in line and "last good checkpoint is kept" in line and "(step 2)" in line
+    _, metadata = spectral.load_shifts(out / "spectral_shifts.safetensors")
+    assert metadata["step"] == "2"
+
+
+def test_help_lists_every_flag():
+    result = subprocess.run([sys.executable, "-m", "train.single", "--help"],
+                            capture_output=True, text=True, check=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for flag in ("--model", "--instance-dir", "--instance-prompt", "--class-prompt", "--class-dir",
+                 "--num-class-images", "--prior-loss-weight", "--train-text-encoder", "--lr",
+                 "--lr-1d", "--steps", "--batch-size", "--resolution", "--seed",
+                 "--mixed-precision", "--gradient-checkpointing", "--cache-latents",
+                 "--validation-prompt", "--validation-every", "--save-every", "--resume",
+                 "--output-dir", "--full-finetune", "--svd-cache", "--device", "--eval-samples"):
+        assert flag in result.stdout, flag
