@@ -8,6 +8,8 @@ came with the checkpoint (family, prediction type), plus text-to-image generatio
 f = 2 ** (len(vae.config.ch_mult) - 1) (8 for SD). ldm/checkpoint.py builds these from files.
 """
 
+import itertools
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -45,11 +47,18 @@ class StableDiffusion:
 
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        return next(itertools.chain(self.unet.parameters(), self.unet.buffers())).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
+        """The UNet's compute dtype: the floating dtype that holds most of its numbers. (Not
+        simply the first parameter's: spectral layers keep weights as base-dtype buffers and
+        only their float32 shifts as parameters.)"""
+        counts = Counter()
+        for tensor in itertools.chain(self.unet.parameters(), self.unet.buffers()):
+            if tensor.is_floating_point():
+                counts[tensor.dtype] += tensor.numel()
+        return counts.most_common(1)[0][0]
 
     @property
     def latent_factor(self) -> int:
@@ -61,8 +70,9 @@ class StableDiffusion:
         return self.text_encoder.encode(list(prompts)).to(self.device, self.dtype)
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """The network output (eps or v, per prediction_type) for latents x (B, 4, h, w)."""
-        return self.unet(x.to(self.dtype), t, context)
+        """The network output (eps or v, per prediction_type) for latents x (B, 4, h, w), in
+        float32 (the sampler's arithmetic stays float32 under fp16 weights)."""
+        return self.unet(x.to(self.dtype), t, context.to(self.dtype)).float()
 
     @torch.no_grad()
     def generate(self, prompts: list[str], negative_prompt: str = "", steps: int = 25,
@@ -81,15 +91,17 @@ class StableDiffusion:
             raise ValueError(f"image size must be a multiple of {multiple}, got {height}x{width}")
         if generator is None:
             generator = torch.Generator()
-            if seed is not None:
+            if seed is None:
+                generator.seed()  # a random seed, not torch's fixed default
+            else:
                 generator.manual_seed(seed)
         prompts = list(prompts)
         cond = self.encode_prompts(prompts)
         uncond = self.encode_prompts([negative_prompt] * len(prompts)) if guidance != 1 else None
         shape = (len(prompts), self.vae.config.embed_dim, height // f, width // f)
-        x_T = torch.randn(shape, generator=generator).to(self.device)
+        x_T = torch.randn(shape, generator=generator).to(self.device)  # float32
         latents = ddim.sample(self.denoise, x_T, cond, uncond=uncond, guidance=guidance,
                               schedule=self.schedule, steps=steps, eta=eta, generator=generator,
                               prediction_type=self.prediction_type, progress=progress)
-        images = self.vae.decode_latents(latents.to(self.dtype))
+        images = self.vae.decode_latents(latents.to(next(self.vae.parameters()).dtype))
         return ((images.float() + 1) / 2).clamp(0, 1)

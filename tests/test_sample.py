@@ -48,6 +48,19 @@ def test_generate_is_ddim_then_decode(saved):
         model.generate(prompts, steps=1, height=30, width=32, progress=False)
 
 
+@torch.no_grad()
+def test_generate_in_bfloat16(tmp_path):
+    """Half-precision weights: contexts and latents follow the UNet's dtype, the sampler and
+    the returned images stay float32."""
+    model = tiny_model("sd2", tokenizer_dir=str(tmp_path / "tokenizer"))
+    full = model.generate(["a red star"], steps=2, seed=1, progress=False)
+    model.to(dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16
+    half = model.generate(["a red star"], steps=2, seed=1, progress=False)
+    assert half.dtype == torch.float32 and half.shape == full.shape
+    assert (half - full).abs().mean() < 0.05
+
+
 def test_cli_writes_grid_of_the_right_size(saved, tmp_path):
     model, folder = saved
     out = tmp_path / "grid.png"
