@@ -1,0 +1,87 @@
+"""How big is a spectral shift?  python -m spectral.count --family sd15|sd21
+
+Builds the UNet and the CLIP text encoder at full size on the meta device (no memory, no
+weights) and counts what attach would train: min(m, n) singular values per weight matrix
+(Linear, Conv as c_out x (c_in*kh*kw), Embedding) plus, for each GroupNorm / LayerNorm, either
+its whole scale vector (our full-vector shift, as in the paper) or a single scalar (what
+mkshing/svdiff-pytorch trains: a norm scale as a 1 x c matrix has one singular value).
+Sizes are float32 payload in MB of 10^6 bytes, and the size of the shift file save_shifts
+writes for the full-vector case (names and metadata included).
+"""
+
+import argparse
+import math
+import os
+import tempfile
+
+import torch
+from torch import nn
+
+from spectral.io import save_shifts
+from spectral.layers import NORMS, targets
+
+
+def delta_size(module: nn.Module, norm_as_scalar: bool = False) -> int:
+    """Number of trained shift values for one layer: min(m, n) for a weight matrix, the channel
+    count (or 1) for a norm scale."""
+    shape = module.weight.shape
+    if isinstance(module, NORMS):
+        return 1 if norm_as_scalar else shape[0]
+    return min(shape[0], math.prod(shape[1:]))
+
+
+def count(model: nn.Module) -> dict[str, int]:
+    """{"layers", "matrices", "norm_vectors", "norm_scalars"} for every layer attach would shift."""
+    layers = targets(model)
+    norms = [m for m in layers.values() if isinstance(m, NORMS)]
+    return {"layers": len(layers),
+            "matrices": sum(delta_size(m) for m in layers.values() if not isinstance(m, NORMS)),
+            "norm_vectors": sum(delta_size(m) for m in norms),
+            "norm_scalars": len(norms)}
+
+
+def build(family: str) -> dict[str, nn.Module]:
+    """UNet and text encoder of the family, on the meta device."""
+    from transformers import CLIPTextModel
+    from ldm.text import sd1_text_config, sd2_text_config
+    from ldm.unet import UNetConfig, UNetModel
+    sd15 = family == "sd15"
+    with torch.device("meta"):
+        return {"UNet": UNetModel(UNetConfig.sd15() if sd15 else UNetConfig.sd21()),
+                "text encoder": CLIPTextModel(sd1_text_config() if sd15 else sd2_text_config())}
+
+
+def megabytes(values: int) -> float:
+    return 4 * values / 1e6
+
+
+def file_megabytes(models: dict[str, nn.Module]) -> float:
+    """Size of a save_shifts file with zero deltas for every layer ("unet."/"text." names)."""
+    prefixes = {"UNet": "unet.", "text encoder": "text.transformer."}
+    deltas = {prefixes[component] + name: torch.zeros(delta_size(module))
+              for component, model in models.items() for name, module in targets(model).items()}
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "shift.safetensors")
+        save_shifts(path, deltas)
+        return os.path.getsize(path) / 1e6
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--family", choices=["sd15", "sd21"], default="sd15")
+    args = parser.parse_args(argv)
+    models = build(args.family)
+    counts = {name: count(model) for name, model in models.items()}
+    counts["both"] = {key: sum(c[key] for c in counts.values()) for key in next(iter(counts.values()))}
+    print(f"spectral shifts of {args.family} (float32; MB = 10^6 bytes)")
+    print(f"{'':14s} {'layers':>6s} {'matrix values':>13s} {'norm vectors':>12s} {'MB':>6s}"
+          f"   {'norm scalars':>12s} {'MB':>6s}")
+    for name, c in counts.items():
+        print(f"{name:14s} {c['layers']:6d} {c['matrices']:13,d} {c['norm_vectors']:12,d} "
+              f"{megabytes(c['matrices'] + c['norm_vectors']):6.2f}   {c['norm_scalars']:12,d} "
+              f"{megabytes(c['matrices'] + c['norm_scalars']):6.2f}")
+    print(f"shift file for both, full-vector norms: {file_megabytes(models):.2f} MB")
+
+
+if __name__ == "__main__":
+    main()
