@@ -450,7 +450,7 @@ def _find_tokenizer(path: str, tokenizer_dir: str | None, required: bool):
         return None, f"none found ({e})"
 
 
-def _load_strict(module: torch.nn.Module, state_dict: dict, what: str, dtype) -> None:
+def _load_strict(module: torch.nn.Module, state_dict: dict, what: str, dtype, device) -> None:
     """Strict load (assign: no second copy) after our own key and shape check, which gives a
     one-line error. Consumes `state_dict`."""
     expected = module.state_dict()
@@ -466,10 +466,11 @@ def _load_strict(module: torch.nn.Module, state_dict: dict, what: str, dtype) ->
                               f"{len(unexpected)} unexpected, {len(wrong)} of another shape "
                               f"(e.g. {example})")
     for k, v in state_dict.items():  # in place, so each file tensor is freed once copied
-        # a fresh torch allocation: file buffers (and mmap pages) are not 64-byte aligned,
-        # which changes vectorized kernels' rounding; outputs then match bit for bit
+        # a fresh torch allocation on the target device: file buffers (and mmap pages) are not
+        # 64-byte aligned, which changes vectorized kernels' rounding; outputs then match the
+        # saved model's bit for bit
         keep = dtype is None or not v.is_floating_point()
-        state_dict[k] = v.to(v.dtype if keep else dtype, copy=True)
+        state_dict[k] = v.to(device=device, dtype=v.dtype if keep else dtype, copy=True)
     module.load_state_dict(state_dict, strict=True, assign=True)
 
 
@@ -508,27 +509,28 @@ def load(path: str = DEFAULT_MODEL, tokenizer_dir: str | None = None,
         text_encoder = ldm_text.TextEncoder(text_config, tokenizer, pad_token_id=pad)
     where = f"{path}: "
     try:
-        _load_strict(unet, unet_sd, "UNet", dtype)
-        _load_strict(vae, vae_sd, "VAE", dtype)
-        _load_strict(text_encoder.transformer, text_sd, "text encoder", dtype)
+        _load_strict(unet, unet_sd, "UNet", dtype, device)
+        _load_strict(vae, vae_sd, "VAE", dtype, device)
+        _load_strict(text_encoder.transformer, text_sd, "text encoder", dtype, device)
     except CheckpointError as e:
         raise CheckpointError(where + str(e)) from None
-    _rebuild_buffers(text_encoder, meta)
+    for module in (unet, vae, text_encoder):
+        _rebuild_buffers(module, meta)
     model = StableDiffusion(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(),
                             schedule=NoiseSchedule(), family=family, prediction_type=prediction,
                             decided_by=decided, source=path, image_size=image_size)
     return model if meta else model.to(device)
 
 
-def _rebuild_buffers(text_encoder: torch.nn.Module, meta: bool) -> None:
+def _rebuild_buffers(module: torch.nn.Module, meta: bool) -> None:
     """Non-persistent buffers are not in any file, so building on the meta device leaves them
-    empty. CLIP's only one is position_ids = arange(max_positions), rebuilt here."""
-    for name, buffer in list(text_encoder.named_buffers()):
+    empty. The only one is CLIP's position_ids = arange(max_positions), rebuilt here."""
+    for name, buffer in list(module.named_buffers()):
         if not buffer.is_meta or meta:
             continue
         if not name.endswith("position_ids"):
             raise RuntimeError(f"buffer {name} has no value after loading")
-        owner = text_encoder.get_submodule(name.rsplit(".", 1)[0])
+        owner = module.get_submodule(name.rsplit(".", 1)[0])
         owner.register_buffer("position_ids", torch.arange(buffer.shape[-1]).expand(buffer.shape),
                               persistent=False)
 
