@@ -103,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt, with the "
       "same arguments; the result equals an uninterrupted run")
     a("--output-dir", default="runs/single", help="where everything is written")
-    a("--svd-cache", default=os.path.join("runs", "svd-cache"),
-      help="directory caching the SVD of the base weights (computed once per base model)")
+    a("--svd-cache", help="directory caching the SVD of the base weights (computed once per "
+      "base model); default: ~/.cache/svdiff/svd")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
@@ -181,26 +181,28 @@ def diffusion_loss(model, latents, context, t, noise):
 
 
 def attach_trainable(model, args):
-    """Freeze the base; return AdamW's parameter groups."""
+    """Freeze the base and make the trained part: spectral shifts on the UNet (and text
+    encoder), or, for --full-finetune, every UNet weight. Returns (AdamW parameter groups,
+    {"unet": ShiftParameters, "text": ...})."""
     for module in (model.unet, model.vae, model.text_encoder):
         module.requires_grad_(False)
     if args.full_finetune:
         model.unet.requires_grad_(True)
-        return [{"params": list(model.unet.parameters()), "lr": args.lr}]
-    groups = [{"params": [], "lr": args.lr}, {"params": [], "lr": args.lr_1d}]
-    for module in (model.unet, model.text_encoder) if args.train_text_encoder else (model.unet,):
-        shifts = spectral.attach(module, cache_dir=args.svd_cache)
-        groups[0]["params"] += shifts.matrices
-        groups[1]["params"] += shifts.norms
-    return groups
+        return [{"params": list(model.unet.parameters()), "lr": args.lr}], {}
+    components = {"unet": model.unet, "text": model.text_encoder}
+    if not args.train_text_encoder:
+        del components["text"]
+    shifts = {name: spectral.attach(module, cache_dir=args.svd_cache)
+              for name, module in components.items()}
+    matrices = [p for s in shifts.values() for p in s.matrices]
+    norms = [p for s in shifts.values() for p in s.norms]
+    return [{"params": matrices, "lr": args.lr}, {"params": norms, "lr": args.lr_1d}], shifts
 
 
-def named_deltas(model, args) -> dict:
-    """The shift file's entries: "unet.<module path>", "text.<module path>"."""
-    deltas = {f"unet.{k}": v for k, v in spectral.named_deltas(model.unet).items()}
-    if args.train_text_encoder:
-        deltas.update({f"text.{k}": v for k, v in spectral.named_deltas(model.text_encoder).items()})
-    return deltas
+def named_deltas(shifts) -> dict:
+    """The shift file's entries: "unet.<module path>", "text.<module path>" -> delta."""
+    return {f"{component}.{name}": delta for component, s in shifts.items()
+            for name, delta in s.named_deltas().items()}
 
 
 # ----------------------------------------------------------------------------- saving
@@ -219,13 +221,14 @@ def save_atomically(save, path):
     os.replace(temporary, path)
 
 
-def save(model, optimizer, scaler, step, args, fingerprint):
+def save(model, shifts, optimizer, scaler, step, args, fingerprint):
+    """The shift file (the result so far) and checkpoint.pt (all --resume needs)."""
     out = Path(args.output_dir)
-    if not args.full_finetune:
+    if shifts:
         metadata = {"base_fingerprint": fingerprint, "base_model": os.path.basename(args.model),
-                    "instance_prompt": args.instance_prompt, "class_prompt": args.class_prompt or "",
-                    "step": str(step), "args": json.dumps(vars(args))}
-        save_atomically(lambda p: spectral.save_shifts(p, named_deltas(model, args), metadata),
+                    "instance_prompt": args.instance_prompt, "class_prompt": args.class_prompt,
+                    "step": step, "training_args": vars(args)}
+        save_atomically(lambda p: spectral.save_shifts(p, named_deltas(shifts), metadata),
                         out / "spectral_shifts.safetensors")
     state = {"step": step, "trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
              "scaler": scaler.state_dict(), "rng": torch.get_rng_state(),
@@ -334,7 +337,7 @@ def train(args):
             images.build_cache(encode)
 
     # the trainable part and its optimizer
-    groups = attach_trainable(model, args)
+    groups, shifts = attach_trainable(model, args)
     model.unet.gradient_checkpointing = args.gradient_checkpointing
     model.unet.train()
     optimizer = torch.optim.AdamW(groups, weight_decay=1e-2)  # decay pulls delta toward the base
@@ -384,7 +387,7 @@ def train(args):
         log.append(step=step, loss=loss.item(), instance_loss=instance_loss.item(),
                    prior_loss=prior_loss.item(), lr=args.lr, seconds=round(seconds, 4))
         if step % args.save_every == 0 or step == args.steps:
-            save(model, optimizer, scaler, step, args, fingerprint)
+            save(model, shifts, optimizer, scaler, step, args, fingerprint)
             saved = step
         if args.validation_every and step % args.validation_every == 0 and step != args.steps:
             sample_grid(model, validation, step, args)
@@ -395,9 +398,8 @@ def train(args):
     if not args.full_finetune:
         size = (out / "spectral_shifts.safetensors").stat().st_size
         print(f"spectral shifts: {out / 'spectral_shifts.safetensors'} ({size / 1024:.1f} KB)")
-        spectral.merge(model.unet)  # W_delta written into plain weights: sampling at base cost
-        if args.train_text_encoder:
-            spectral.merge(model.text_encoder)
+        for module in (model.unet, model.text_encoder):
+            spectral.merge(module)  # W_delta written into plain weights: sampling at base cost
     if args.eval_samples and example and bundled:
         fidelity, drift = measure_example_subject(model, args)
         print(f"subject fidelity {fidelity:.0%} ('{args.instance_prompt}' shows the subject), "
