@@ -504,16 +504,18 @@ def load(path: str = DEFAULT_MODEL, tokenizer_dir: str | None = None,
     pad = parts["pad_token_id"]  # None: the tokenizer's; "eos": SD 1 pads with <|endoftext|>
     if pad == "eos" or (pad is None and tokenizer is None):
         pad = tokenizer.eos_token_id if tokenizer is not None else text_config.eos_token_id
-    with torch.device("meta"):  # no memory, no random init: every tensor comes from the file
-        unet, vae = UNetModel(unet_config), AutoencoderKL(vae_config)
-        text_encoder = ldm_text.TextEncoder(text_config, tokenizer, pad_token_id=pad)
-    where = f"{path}: "
+    try:
+        with torch.device("meta"):  # no memory, no random init: every tensor comes from the file
+            unet, vae = UNetModel(unet_config), AutoencoderKL(vae_config)
+            text_encoder = ldm_text.TextEncoder(text_config, tokenizer, pad_token_id=pad)
+    except (ValueError, RuntimeError) as e:  # e.g. widths GroupNorm(32) cannot split
+        raise CheckpointError(f"{path}: its config does not build an SD model ({e})") from None
     try:
         _load_strict(unet, unet_sd, "UNet", dtype, device)
         _load_strict(vae, vae_sd, "VAE", dtype, device)
         _load_strict(text_encoder.transformer, text_sd, "text encoder", dtype, device)
     except CheckpointError as e:
-        raise CheckpointError(where + str(e)) from None
+        raise CheckpointError(f"{path}: {e}") from None
     for module in (unet, vae, text_encoder):
         _rebuild_buffers(module, meta)
     model = StableDiffusion(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(),

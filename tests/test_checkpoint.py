@@ -465,3 +465,26 @@ def test_diffusers_folder_problems(tmp_path):
     os.remove(tmp_path / "vae" / "diffusion_pytorch_model.safetensors")
     with pytest.raises(ckpt.CheckpointError, match="no weights file"):
         ckpt.load(str(tmp_path))
+
+
+def test_inconsistent_weights_give_one_line_errors(tmp_path):
+    model = tiny_model("sd1", tokenizer_dir=str(tmp_path / "tokenizer"))
+    cases = {
+        "does not build an SD model": {UNET_PREFIX + "input_blocks.0.0.weight":
+                                       torch.zeros(20, 4, 3, 3)},  # GroupNorm(32, 20)
+        "incomplete checkpoint": {UNET_PREFIX + "middle_block.1.proj_in.weight": None},
+        "UNet weights do not fit its config: 0 missing, 1 unexpected":
+            {UNET_PREFIX + "middle_block.1.extra.weight": torch.zeros(2)},
+        "of another shape": {VAE_PREFIX + "decoder.conv_out.bias": torch.zeros(5)},
+    }
+    for message, change in cases.items():
+        sd = compvis_state_dict(model)
+        for k, v in change.items():
+            if v is None:
+                del sd[k]
+            else:
+                sd[k] = v
+        torch.save(sd, tmp_path / "broken.ckpt")
+        with pytest.raises(ckpt.CheckpointError, match=re.escape(message)) as info:
+            ckpt.load(str(tmp_path / "broken.ckpt"))
+        assert "\n" not in str(info.value)
