@@ -231,8 +231,20 @@ def test_resume_on_another_base_model_or_without_checkpoint(files, tmp_path, cap
     capsys.readouterr()
     assert single.main(args) == 2
     assert "trained on another base model" in error_line(capsys)
+    args = argv(files, out, "--steps", "2", "--prior-loss-weight", "0", "--resume", "--train-text-encoder")
+    assert single.main(args) == 2
+    assert "holds other trained tensors than this run makes" in error_line(capsys)
     assert single.main(argv(files, tmp_path / "fresh", "--resume")) == 2
-    assert "--resume: no checkpoint at" in error_line(capsys)
+    line = error_line(capsys)
+    assert line.startswith("error: --resume:") and "no checkpoint there" in line
+
+
+def test_bad_numbers(files, tmp_path, capsys):
+    assert single.main(argv(files, tmp_path / "out", "--resolution", "18")) == 2
+    assert "--resolution 18: must be a multiple of 4" in error_line(capsys)
+    with pytest.raises(SystemExit) as exit:
+        single.main(argv(files, tmp_path / "out", "--save-every", "0"))
+    assert exit.value.code == 2 and "--save-every must be at least 1" in error_line(capsys)
 
 
 def test_missing_model_file(files, tmp_path, capsys):

@@ -31,7 +31,6 @@ is kept).
 """
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -210,34 +209,24 @@ def named_deltas(shifts) -> dict:
 
 # ----------------------------------------------------------------------------- saving
 
-def trainable_state(model) -> dict:
-    return {name: p.detach().cpu().clone() for name, p in
-            [*(("unet." + n, p) for n, p in model.unet.named_parameters()),
-             *(("text." + n, p) for n, p in model.text_encoder.named_parameters())] if p.requires_grad}
-
-
-def save_atomically(save, path):
-    """save(temporary path), then rename over `path`: a kill at any moment leaves the old file
-    or the new one, never half of one."""
-    temporary = f"{path}.tmp"
-    save(temporary)
-    os.replace(temporary, path)
+def trainable_parameters(model) -> dict:
+    """{"unet.<name>" / "text.<name>": parameter} of what is being trained."""
+    return {f"{prefix}.{name}": p for prefix, module in (("unet", model.unet), ("text", model.text_encoder))
+            for name, p in module.named_parameters() if p.requires_grad}
 
 
 def save(model, shifts, optimizer, scaler, step, args, fingerprint):
-    """The shift file (the result so far) and checkpoint.pt (all --resume needs)."""
+    """The shift file (the result so far) and checkpoint.pt (all --resume needs), each
+    written atomically: a kill at any moment loses at most the steps since this save."""
     out = Path(args.output_dir)
     if shifts:
         metadata = {"base_fingerprint": fingerprint, "base_model": os.path.basename(args.model),
                     "instance_prompt": args.instance_prompt, "class_prompt": args.class_prompt,
                     "step": step, "training_args": vars(args)}
-        save_atomically(lambda p: spectral.save_shifts(p, named_deltas(shifts), metadata),
-                        out / "spectral_shifts.safetensors")
-    state = {"step": step, "trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
-             "scaler": scaler.state_dict(), "rng": torch.get_rng_state(),
-             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-             "base_fingerprint": fingerprint, "args": json.dumps(vars(args))}
-    save_atomically(lambda p: torch.save(state, p), out / "checkpoint.pt")
+        data.save_atomically(lambda path: spectral.save_shifts(path, named_deltas(shifts), metadata),
+                             out / "spectral_shifts.safetensors")
+    data.save_checkpoint(out / "checkpoint.pt", step, trainable_parameters(model), optimizer, scaler,
+                         fingerprint, vars(args))
 
 
 # settings that do not change the trained values, so they may differ on --resume
@@ -246,31 +235,15 @@ RESUME_FREE = {"steps", "resume", "output_dir", "validation_prompt", "validation
 
 
 def resume(model, optimizer, scaler, args, fingerprint) -> int:
-    """Restore a checkpoint.pt; returns its step."""
+    """Restore OUTPUT_DIR/checkpoint.pt (shifts, optimizer, RNG); returns its step."""
     path = Path(args.output_dir) / "checkpoint.pt"
-    if not path.exists():
-        raise DataError(f"--resume: no checkpoint at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state["base_fingerprint"] != fingerprint:
-        raise CheckpointError(f"--resume: {path} was trained on another base model "
-                              f"(fingerprint {state['base_fingerprint'][:12]}, --model {args.model} "
-                              f"is {fingerprint[:12]})")
-    saved = json.loads(state["args"])
-    changed = [k for k, v in vars(args).items() if k not in RESUME_FREE and saved.get(k) != v]
+    step, saved_args = data.load_checkpoint(path, trainable_parameters(model), optimizer, scaler,
+                                            fingerprint, what=f"--resume: {path}")
+    changed = [k for k, v in vars(args).items() if k not in RESUME_FREE and saved_args.get(k) != v]
     if changed:
         data.warn(f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} differ "
                   "from the checkpoint's; the result will not equal an uninterrupted run")
-    parameters = dict([*(("unet." + n, p) for n, p in model.unet.named_parameters()),
-                       *(("text." + n, p) for n, p in model.text_encoder.named_parameters())])
-    with torch.no_grad():
-        for name, value in state["trainable"].items():
-            parameters[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng"])
-    if state["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return state["step"]
+    return step
 
 
 def sample_grid(model, prompts, step, args, columns=4):
@@ -307,52 +280,62 @@ def measure_example_subject(model, args):
     return shares
 
 
-def train(args):
-    device = torch.device(args.device)
+def load_base(args):
+    """The base model, its fingerprint, and the defaults that depend on it."""
     bundled = os.path.abspath(args.model) == os.path.abspath(checkpoint.DEFAULT_MODEL)
     if args.threads or bundled:
         torch.set_num_threads(args.threads or 1)
-    resolve_prompts(args)
-    model = checkpoint.load(args.model, device=device)
-    fingerprint = base_fingerprint(model)
+    model = checkpoint.load(args.model, device=args.device)
     args.resolution = args.resolution or model.image_size
     args.guidance = args.guidance if args.guidance is not None else 4.0 if bundled else 7.5
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    multiple = model.latent_factor * 2 ** (len(model.unet.config.channel_mult) - 1)
+    if args.resolution % multiple:
+        raise DataError(f"--resolution {args.resolution}: must be a multiple of {multiple} for this model")
+    return model, base_fingerprint(model), bundled
 
-    # data: the subject's images and, for the prior loss, the base model's own class images
-    example = args.instance_dir is None
+
+def load_data(model, fingerprint, args):
+    """The subject's images and, for the prior loss, the base model's own class images."""
     instance = data.ImageSet(instance_images(args), args.resolution)
-    prior = None
-    if args.prior_loss_weight > 0:
-        slug = re.sub(r"[^a-z0-9]+", "-", args.class_prompt.lower()).strip("-")
-        args.class_dir = args.class_dir or str(Path("runs/class-images") / f"{fingerprint[:10]}-{slug}")
-        model.unet.eval()
-        images = data.ensure_class_images(
-            args.class_dir, args.num_class_images, args.class_prompt,
-            lambda prompts, seeds: generate(model, prompts, seeds[0], args), 8, args.seed)
-        prior = data.ImageSet(images, args.resolution)
+    if args.prior_loss_weight == 0:
+        return instance, None
+    slug = re.sub(r"[^a-z0-9]+", "-", args.class_prompt.lower()).strip("-")
+    args.class_dir = args.class_dir or str(Path("runs/class-images") / f"{fingerprint[:10]}-{slug}")
+    images = data.ensure_class_images(
+        args.class_dir, args.num_class_images, args.class_prompt,
+        lambda prompts, seeds: generate(model, prompts, seeds[0], args), 8, args.seed)
+    return instance, data.ImageSet(images, args.resolution)
 
-    def encode(pixels):  # (B, 3, R, R) -> q(z | x) moments
+
+def train(args):
+    resolve_prompts(args)
+    example = args.instance_dir is None
+    model, fingerprint, bundled = load_base(args)
+    device, out = model.device, Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    instance, prior = load_data(model, fingerprint, args)
+    image_sets = (instance,) if prior is None else (instance, prior)
+
+    def encode(pixels):  # (B, 3, R, R) -> moments of q(z | x), (B, 4, h, w) each
         with torch.no_grad():
             posterior = model.vae.encode(pixels.to(device))
         return posterior.mean, posterior.std
     if args.cache_latents:
-        for images in (instance, prior) if prior else (instance,):
+        for images in image_sets:
             images.build_cache(encode)
 
-    # the trainable part and its optimizer
     groups, shifts = attach_trainable(model, args)
     model.unet.gradient_checkpointing = args.gradient_checkpointing
     model.unet.train()
-    optimizer = torch.optim.AdamW(groups, weight_decay=1e-2)  # decay pulls delta toward the base
+    optimizer = torch.optim.AdamW(groups, weight_decay=1e-2)  # decay pulls delta toward 0: the base
     scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
     trainable = [p for group in groups for p in group["params"]]
-    tokens = model.text_encoder.tokenize([args.instance_prompt, args.class_prompt or ""]).to(device)
+    prompts = [args.instance_prompt, args.class_prompt][:len(image_sets)]
+    token_ids = model.text_encoder.tokenize(prompts).repeat_interleave(args.batch_size, 0).to(device)
 
     start = resume(model, optimizer, scaler, args, fingerprint) if args.resume else 0
     log = data.TrainingLog(out / "log.csv", resume_step=start if args.resume else None)
-    validation = args.validation_prompt or [args.instance_prompt] + ([args.class_prompt] if args.class_prompt else [])
+    validation = args.validation_prompt or prompts
     if start == 0:
         print(f"samples before training: {sample_grid(model, validation, 0, args)}")
 
@@ -360,21 +343,17 @@ def train(args):
     bar = tqdm(range(start + 1, args.steps + 1), initial=start, total=args.steps, desc="train")
     for step in bar:
         began = time.perf_counter()
+        # the batch: B subject images, then B prior images; t and noise per image
         generator = step_generator(args.seed, step)
-        scale = model.vae.config.scale_factor
-        latents = [instance.latents(args.batch_size, generator, encode, scale)]
-        if prior is not None:
-            latents.append(prior.latents(args.batch_size, generator, encode, scale))
-        latents = torch.cat(latents)
+        latents = torch.cat([images.latents(args.batch_size, generator, encode,
+                                            model.vae.config.scale_factor) for images in image_sets])
         t = torch.randint(0, model.schedule.num_train_timesteps, (len(latents),), generator=generator)
         noise = torch.randn(latents.shape, generator=generator)
-        token_ids = tokens.repeat_interleave(args.batch_size, dim=0)[:len(latents)]
         with torch.autocast(device.type, **autocast_kwargs(args)):
             context = model.text_encoder(token_ids)
             per_sample = diffusion_loss(model, latents.to(device), context, t.to(device), noise.to(device))
-        instance_loss = per_sample[:args.batch_size].mean()
-        prior_loss = per_sample[args.batch_size:].mean() if prior is not None else torch.zeros(())
-        loss = instance_loss + args.prior_loss_weight * prior_loss
+        instance_loss, prior_loss = per_sample[:args.batch_size].mean(), per_sample[args.batch_size:].mean()
+        loss = instance_loss + args.prior_loss_weight * prior_loss if prior is not None else instance_loss
         if not torch.isfinite(loss):
             kept = (f"the last good checkpoint is kept: {out / 'checkpoint.pt'} (step {saved})"
                     if saved else "no checkpoint had been saved yet")
@@ -390,7 +369,7 @@ def train(args):
         seconds = time.perf_counter() - began
         bar.set_postfix(loss=f"{loss.item():.4f}", s_per_step=f"{seconds:.2f}")
         log.append(step=step, loss=loss.item(), instance_loss=instance_loss.item(),
-                   prior_loss=prior_loss.item(), lr=args.lr, seconds=round(seconds, 4))
+                   prior_loss=prior_loss.item() if prior is not None else 0.0, lr=args.lr, seconds=round(seconds, 4))
         if step % args.save_every == 0 or step == args.steps:
             save(model, shifts, optimizer, scaler, step, args, fingerprint)
             saved = step
@@ -400,7 +379,7 @@ def train(args):
 
     data.plot_losses(log.column("step"), log.column("loss"), out / "loss.png")
     print(f"samples after training: {sample_grid(model, validation, args.steps, args)}")
-    if not args.full_finetune:
+    if shifts:
         size = (out / "spectral_shifts.safetensors").stat().st_size
         print(f"spectral shifts: {out / 'spectral_shifts.safetensors'} ({size / 1024:.1f} KB)")
         for module in (model.unet, model.text_encoder):
@@ -413,8 +392,20 @@ def train(args):
     return model
 
 
+def check_args(parser, args):
+    """Values argparse cannot check by type: exit 2 with argparse's usage line and message."""
+    for name in ("steps", "batch_size", "save_every", "num_class_images", "sample_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("validation_every", "eval_samples", "prior_loss_weight", "lr", "lr_1d"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must not be negative")
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
     try:
         train(args)
     except (DataError, CheckpointError, spectral.ShiftFileError) as error:
