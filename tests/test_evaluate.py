@@ -29,8 +29,8 @@ def test_accuracy_on_hand_written_readings():
                 ] + [[]] * 5                                                  # nothing drawn
     acc = accuracy(prompts, readings)
     assert acc["all"] == 2 / 10
-    assert acc["shape"] == 2 / 8 and acc["color"] == 1 / 8
-    assert acc["left shape"] == 1 / 2 and acc["right color"] == 1 / 2
+    assert acc["shape"] == 3 / 8 and acc["color"] == 2 / 8 and acc["position"] == 0
+    assert acc["left shape"] == 1 / 2 and acc["right color"] == 1 / 2 and acc["objects"] == 1 / 2
 
 
 def test_reader_on_clean_renders():

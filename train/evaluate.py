@@ -23,6 +23,7 @@ From the readings:
 import argparse
 import os
 import time
+from itertools import permutations
 
 import numpy as np
 import torch
@@ -178,22 +179,39 @@ def parse(prompt):
 
 
 def match(wanted, seen):
-    """Per wanted object: the seen object it is compared with (same slot if named, else the
-    only one) and which attributes are right. Returns a dict of booleans."""
+    """Which attributes of the wanted objects the seen ones get right: a dict of booleans.
+
+    One wanted object: shape, color (or subject) of the object seen (the only one, else the
+    one in the named slot) and, when the prompt names a slot, whether it sits there. Two: each
+    attribute per slot ("left shape", ...), and "objects" (both drawn, in either order)."""
     result = {"count": len(seen) == len(wanted)}
-    for k, w in enumerate(wanted):
+    if len(wanted) == 1:
+        w = wanted[0]
         same_slot = [o for o in seen if o["position"] == w["position"]]
-        obj = (same_slot[0] if same_slot else None) if w["position"] else (seen[0] if len(seen) == 1 else None)
-        prefix = f"{w['position']} " if len(wanted) > 1 else ""
+        obj = seen[0] if len(seen) == 1 else (same_slot[0] if same_slot else None)
+        checks = [("", obj)]
+        if w["position"]:
+            result["position"] = obj is not None and obj["position"] == w["position"]
+    else:
+        by_slot = {o["position"]: o for o in seen}
+        checks = [(f"{w['position']} ", by_slot.get(w["position"])) for w in wanted]
+
+        result["objects"] = len(seen) == len(wanted) and any(
+            all(_same(w, o) for w, o in zip(wanted, order)) for order in permutations(seen))
+    for w, (prefix, obj) in zip(wanted, checks):
         result[prefix + "shape"] = obj is not None and obj["shape"] == w["shape"]
         if w["color"]:
             result[prefix + "color"] = obj is not None and obj["color"] == w["color"]
         if w["pattern"] and w["pattern"] != "plain":
             result[prefix + "subject"] = obj is not None and obj["pattern"] == w["pattern"]
-        if w["position"] and len(wanted) == 1:
-            result["position"] = obj is not None
     result["all"] = all(result.values())
     return result
+
+
+def _same(w, o):
+    """Does seen object o show wanted object w (attributes the prompt leaves open match)?"""
+    return (o["shape"] == w["shape"] and (w["color"] is None or o["color"] == w["color"])
+            and (w["pattern"] in (None, "plain") or o["pattern"] == w["pattern"]))
 
 
 def accuracy(prompts, readings):
