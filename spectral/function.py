@@ -190,12 +190,22 @@ _CONV_INPUT_GRAD = {1: conv_grad.conv1d_input, 2: conv_grad.conv2d_input}
 _CONV_WEIGHT_GRAD = {1: conv_grad.conv1d_weight, 2: conv_grad.conv2d_weight}
 
 
+def _mix_channels(weight: Tensor, t: Tensor) -> Tensor:
+    """weight (k, c) applied at every position of t (B, c, L) -> (B, k, L), a 1x1 conv.
+
+    One (B L, c) x (c, k) matmul over all positions: `weight @ t` would run a batched matmul
+    on B broadcast copies of the weight, slow when there are few positions.
+    """
+    B, c, L = t.shape
+    return (t.transpose(1, 2).reshape(B * L, c) @ weight.T).view(B, L, -1).transpose(1, 2).contiguous()
+
+
 class SpectralConvFunction(torch.autograd.Function):
     """Conv1d / Conv2d (groups = 1) with kernel W_delta.view(c_out, c_in, *kernel_size).
 
     x: (B, c_in, *spatial) -> y: (B, c_out, *out_spatial). In the factored form the conv uses Vh
     as an r-channel kernel (r, c_in, *kernel_size): P (B, r, *out_spatial); the 1x1 conv with
-    U diag(s) is a batched matmul over the flattened positions.
+    U diag(s) is one matmul over all B * positions (`_mix_channels`).
     """
 
     @staticmethod
@@ -206,7 +216,7 @@ class SpectralConvFunction(torch.autograd.Function):
         if factored:
             projected = conv(x, Vh.view(r, c_in, *kernel_size), None, stride, padding, dilation)
             s, flat = torch.relu(sigma + delta).to(x.dtype), projected.flatten(2)   # (B, r, positions)
-            y = U @ (flat * s[:, None]) if flat.shape[0] * flat.shape[2] <= m else (U * s) @ flat
+            y = _mix_channels(U, flat * s[:, None]) if flat.shape[0] * flat.shape[2] <= m else _mix_channels(U * s, flat)
             y = y.view(x.shape[0], m, *projected.shape[2:])
             if bias is not None:
                 y += bias.view(m, *[1] * d)
@@ -229,7 +239,7 @@ class SpectralConvFunction(torch.autograd.Function):
         s = torch.relu(sigma + delta).to(dy.dtype)
         dx = ddelta = None
         if ctx.factored:
-            g = U.T @ dy.flatten(2)                                     # G (B, r, positions)
+            g = _mix_channels(U.T, dy.flatten(2))                       # G (B, r, positions)
             if input_grad:                                              # conv^T of G diag(s) with kernel Vh
                 if g.shape[0] * g.shape[2] <= Vh.shape[1]:
                     g_scaled, kernel = g * s[:, None], Vh
@@ -250,7 +260,7 @@ class SpectralConvFunction(torch.autograd.Function):
                     ds = ((U.T @ dW.view(m, n)) * Vh).sum(1)
                 else:
                     projected = _CONV[d](kept, Vh.view(r, c_in, *kernel_size), None, stride, padding, dilation)
-                    ds = (projected.flatten(2) * (U.T @ dy.flatten(2))).sum((0, 2))
+                    ds = (projected.flatten(2) * _mix_channels(U.T, dy.flatten(2))).sum((0, 2))
                 ddelta = _shift_grad(ds, sigma, delta)
         return dx, None, None, ddelta, None, None, None, None, None, None, None
 

@@ -1,0 +1,319 @@
+"""Training-step speed and memory of spectral shifts on SD 1.5-shaped layers, as ratios.
+
+    python bench/spectral_step.py [--repeats 5] [--latent 16] [--batch 2] [--threads 1]
+
+The model: SD 1.5's down path and middle block built from ldm.unet's own blocks (ResBlocks,
+SpatialTransformers with self- and cross-attention to a 77 x 768 context, GEGLU feed-forward,
+3x3 convs 320..1280 channels, strided downsampling convs, the time-embedding MLP), on a
+16 x 16 latent (a 128 px image), batch 2. Variants, one training step each (forward, backward,
+AdamW step):
+
+    frozen base  every weight frozen, backward to the activations only: the floor
+    ours         spectral.attach: the autograd Functions of spectral/function.py
+    mkshing      mkshing/svdiff-pytorch's layer classes (their layers.py, imported by path)
+                 swapped in for the same layers: W rebuilt with autograd in every forward
+                 (their U, S, Vh are filled from our SVD cache rather than recomputed)
+    LoRA r=4     rank-4 adapters on the attention projections q, k, v, out
+
+Times are medians of interleaved repeats (the variants take turns, so a busy machine slows
+them alike), on one thread by default: on a shared machine a multi-threaded op mostly measures
+how long its threads wait for each other. Memory: the bytes autograd saves between forward and
+backward; the weight matrices' state (base W; ours U + sigma + Vh + delta; mkshing W + U + S +
+Vh + delta); and the peak resident memory of a training step above the process's start, in a
+fresh process per variant (Linux VmHWM, reset after a first step).
+"""
+
+import argparse
+import copy
+import ctypes
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import spectral  # noqa: E402
+from spectral.cache import SVDCache  # noqa: E402
+from ldm.unet import Attention, Block, Downsample, ResBlock, SpatialTransformer, UNetConfig  # noqa: E402
+
+VARIANTS = ["frozen base", "ours", "mkshing", "LoRA r=4"]
+
+
+# --------------------------------------------------------------------------- the model
+
+class Stack(nn.Module):
+    """SD 1.5 input blocks (one ResBlock + transformer per level) and the middle block."""
+
+    def __init__(self):
+        super().__init__()
+        config = UNetConfig.sd15()
+        self.time_embed = nn.Sequential(nn.Linear(320, 1280), nn.SiLU(), nn.Linear(1280, 1280))
+        emb = 1280
+        self.blocks = nn.ModuleList([
+            Block(ResBlock(320, emb, 320), SpatialTransformer(320, config)),
+            Block(Downsample(320)),
+            Block(ResBlock(320, emb, 640), SpatialTransformer(640, config)),
+            Block(Downsample(640)),
+            Block(ResBlock(640, emb, 1280), SpatialTransformer(1280, config)),
+            Block(Downsample(1280)),
+            Block(ResBlock(1280, emb, 1280), SpatialTransformer(1280, config), ResBlock(1280, emb, 1280)),
+        ])
+
+    def forward(self, x, time_features, context):
+        emb = self.time_embed(time_features)
+        for block in self.blocks:
+            x = block(x, emb, context)
+        return x
+
+
+def inputs(batch: int, latent: int):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 320, latent, latent, generator=g).requires_grad_()
+    return x, torch.randn(batch, 320, generator=g), torch.randn(batch, 77, 768, generator=g)
+
+
+# --------------------------------------------------------------------------- the variants
+
+def mkshing_layers():
+    """mkshing/svdiff-pytorch's layers.py (their package __init__ needs an old diffusers)."""
+    spec = importlib.util.find_spec("svdiff_pytorch")
+    if spec is None:
+        raise SystemExit("install svdiff-pytorch (pip install --no-deps svdiff-pytorch einops)")
+    path = os.path.join(spec.submodule_search_locations[0], "layers.py")
+    module_spec = importlib.util.spec_from_file_location("mkshing_layers", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def to_mkshing(model: nn.Module, cache_dir) -> None:
+    """Swap every Linear / Conv2d / GroupNorm / LayerNorm for their SVD* class with the same
+    weights. Built on the meta device to skip their SVD of a random init; their U, S, Vh are
+    then set from our SVD cache (the same decomposition, so their forward and memory are theirs
+    and the bench does not spend minutes redoing it)."""
+    theirs, cache = mkshing_layers(), SVDCache(cache_dir)
+    for parent in list(model.modules()):
+        for name, m in list(parent.named_children()):
+            with torch.device("meta"):
+                if type(m) is nn.Linear:
+                    new = theirs.SVDLinear(m.in_features, m.out_features, bias=m.bias is not None)
+                elif type(m) is nn.Conv2d:
+                    new = theirs.SVDConv2d(m.in_channels, m.out_channels, m.kernel_size[0], stride=m.stride,
+                                           padding=m.padding, bias=m.bias is not None)
+                elif type(m) is nn.GroupNorm:
+                    new = theirs.SVDGroupNorm(m.num_groups, m.num_channels, eps=m.eps)
+                elif type(m) is nn.LayerNorm:
+                    new = theirs.SVDLayerNorm(m.normalized_shape[0], eps=m.eps)
+                else:
+                    continue
+            new = new.to_empty(device="cpu")
+            new.load_state_dict({**m.state_dict(), "delta": torch.zeros_like(new.delta)})
+            if m.weight.dim() > 1:
+                new.U, new.S, new.Vh = cache.get(m.weight.detach().reshape(m.weight.shape[0], -1))
+                new.done_svd = True
+            else:
+                new.perform_svd()
+            new.requires_grad_(False)
+            new.delta.requires_grad_(True)
+            setattr(parent, name, new)
+
+
+class LoRA(nn.Module):
+    """y = base(x) + scale * up(down(x)), down (r, n) random, up (m, r) zero; base frozen."""
+
+    def __init__(self, base: nn.Linear, rank: int = 4):
+        super().__init__()
+        self.base = base
+        self.down = nn.Linear(base.in_features, rank, bias=False)
+        self.up = nn.Linear(rank, base.out_features, bias=False)
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, x):
+        return self.base(x) + self.up(self.down(x))
+
+
+def to_lora(model: nn.Module) -> None:
+    for m in list(model.modules()):
+        if isinstance(m, Attention):
+            m.to_q, m.to_k, m.to_v = LoRA(m.to_q), LoRA(m.to_k), LoRA(m.to_v)
+            m.to_out[0] = LoRA(m.to_out[0])
+
+
+def build(variant: str, plain: nn.Module, cache_dir) -> tuple[nn.Module, torch.optim.Optimizer | None]:
+    model = copy.deepcopy(plain)
+    model.requires_grad_(False)
+    if variant == "frozen base":
+        return model, None
+    if variant == "ours":
+        shifts = spectral.attach(model, cache_dir=cache_dir)
+        return model, torch.optim.AdamW(shifts.param_groups(lr=1e-3, norm_lr=1e-6))
+    if variant == "mkshing":
+        to_mkshing(model, cache_dir)
+    else:
+        to_lora(model)
+    return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+
+def step(model, optimizer, batch) -> None:
+    x = batch[0]
+    x.grad = None
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
+    model(*batch).square().mean().backward()
+    if optimizer is not None:
+        optimizer.step()
+
+
+# --------------------------------------------------------------------------- memory
+
+def set_malloc(mmap_threshold: int) -> None:
+    """Fix glibc's mmap threshold (it otherwise moves with the allocation history, so timings
+    would depend on what ran before: fresh mappings page-fault on every step). Large: tensors
+    are reused from the heap, the steady state of a long run. Small: every tensor is its own
+    mapping, returned when freed, so resident memory follows the live tensors."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, mmap_threshold)                     # M_MMAP_THRESHOLD
+    libc.mallopt(-1, max(mmap_threshold, 128 * 1024))   # M_TRIM_THRESHOLD
+
+def state_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes of the weight matrices' state: base W; ours U + sigma + Vh + delta; mkshing
+    W + U + S + Vh + delta (their factors are plain attributes, not buffers)."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, spectral.layers.Spectral):
+            total += sum(t.numel() * t.element_size() for t in (m.U, m.sigma, m.Vh, m.delta))
+        elif hasattr(m, "done_svd"):
+            if m.weight.dim() > 1:
+                total += sum(t.numel() * t.element_size() for t in (m.weight, m.U, m.S, m.Vh, m.delta))
+        elif type(m) in (nn.Linear, nn.Conv2d):
+            total += m.weight.numel() * m.weight.element_size()
+    return {"matrices": total}
+
+
+def full_model_state_ratio(family: str = "sd15") -> float:
+    """(U + sigma + Vh + delta) / W over every weight matrix of the whole UNet and text encoder,
+    counted on the meta device."""
+    from spectral.count import build
+    base = ours = 0
+    for model in build(family).values():
+        for module in spectral.layers.targets(model).values():
+            if module.weight.dim() > 1:
+                m, n = module.weight.shape[0], module.weight[0].numel()
+                r = min(m, n)
+                base, ours = base + m * n, ours + r * (m + n) + 2 * r
+    return ours / base
+
+
+def saved_bytes(model, optimizer, batch) -> int:
+    """Distinct bytes autograd keeps for backward during one forward."""
+    seen = {}
+
+    def pack(t):
+        seen[(t.untyped_storage().data_ptr(), t.device)] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(*batch)
+    out.square().mean().backward()
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
+    weights = {(t.untyped_storage().data_ptr(), t.device) for t in list(model.parameters()) + list(model.buffers())}
+    return sum(nbytes for key, nbytes in seen.items() if key not in weights)
+
+
+def peak_step_memory(variant: str, args) -> int:
+    """Peak resident bytes of one training step above the process's start (model, optimizer
+    state, activations), in a fresh process; VmHWM is reset after a first step."""
+    command = [sys.executable, os.path.abspath(__file__), "--peak-of", variant, "--latent", str(args.latent),
+               "--batch", str(args.batch), "--threads", str(args.threads)]
+    if args.cache_dir:
+        command += ["--cache-dir", args.cache_dir]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak"]
+
+
+def vm_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def measure_peak(variant: str, args) -> None:
+    set_malloc(64 * 1024)
+    baseline = vm_kb("VmRSS")
+    torch.manual_seed(0)
+    model, optimizer = build(variant, Stack(), args.cache_dir)
+    batch = inputs(args.batch, args.latent)
+    step(model, optimizer, batch)                         # allocate optimizer state
+    with open("/proc/self/clear_refs", "w") as f:         # reset the high-water mark
+        f.write("5")
+    step(model, optimizer, batch)
+    print(json.dumps({"peak": (vm_kb("VmHWM") - baseline) * 1024}))
+
+
+# --------------------------------------------------------------------------- main
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--latent", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: on a shared machine, more threads mostly measure waiting)")
+    parser.add_argument("--cache-dir", default=None, help="SVD cache (default ~/.cache/svdiff/svd)")
+    parser.add_argument("--peak-of", choices=VARIANTS, help=argparse.SUPPRESS)   # internal: one peak run
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.peak_of:
+        return measure_peak(args.peak_of, args)
+    set_malloc(1 << 30)
+
+    torch.manual_seed(0)
+    plain = Stack()
+    batch = inputs(args.batch, args.latent)
+    print(f"SD 1.5 down path + middle block, {sum(p.numel() for p in plain.parameters()) / 1e6:.0f} M "
+          f"parameters, latent {args.latent}x{args.latent}, batch {args.batch}, {args.threads} thread(s)")
+    models = {}
+    for variant in VARIANTS:
+        start = time.perf_counter()
+        models[variant] = build(variant, plain, args.cache_dir)
+        print(f"  built {variant} in {time.perf_counter() - start:.1f} s", flush=True)
+    del plain
+
+    times = {v: [] for v in VARIANTS}
+    for v, (model, optimizer) in models.items():
+        step(model, optimizer, batch)                                        # warm-up
+    for repeat in range(args.repeats):
+        for v, (model, optimizer) in models.items():
+            start = time.perf_counter()
+            step(model, optimizer, batch)
+            times[v].append(time.perf_counter() - start)
+        print(f"  repeat {repeat + 1}/{args.repeats}: " + ", ".join(f"{v} {times[v][-1]:.2f} s" for v in VARIANTS),
+              flush=True)
+    median = {v: statistics.median(t) for v, t in times.items()}
+    saved = {v: saved_bytes(model, optimizer, batch) for v, (model, optimizer) in models.items()}
+    state = {v: state_bytes(model)["matrices"] for v, (model, _) in models.items()}
+    del models
+    peak = {v: peak_step_memory(v, args) for v in VARIANTS}
+
+    base = "frozen base"
+    print(f"\n{'variant':12s} {'step s':>7s} {'vs base':>8s} {'saved MB':>9s} {'vs base':>8s} "
+          f"{'peak MB':>8s} {'vs base':>8s} {'matrix state MB':>15s} {'vs base':>8s}")
+    for v in VARIANTS:
+        print(f"{v:12s} {median[v]:7.2f} {median[v] / median[base]:7.2f}x {saved[v] / 1e6:9.0f} "
+              f"{saved[v] / saved[base]:7.2f}x {peak[v] / 1e6:8.0f} {peak[v] / peak[base]:7.2f}x "
+              f"{state[v] / 1e6:15.0f} {state[v] / state[base]:7.2f}x")
+    print(f"\nmkshing step / ours: {median['mkshing'] / median['ours']:.2f}x; ours' matrix state over the "
+          f"whole SD 1.5 UNet + text encoder: {full_model_state_ratio():.2f}x the weights")
+    print("goals: ours <= 1.25x base, mkshing >= 2x ours, ours' state <= 1.3x base")
+
+
+if __name__ == "__main__":
+    main()
