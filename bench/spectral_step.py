@@ -16,14 +16,21 @@ AdamW step):
     LoRA r=4     rank-4 adapters on the attention projections q, k, v, out
 
 Times are medians of interleaved repeats (the variants take turns, so a busy machine slows
-them alike), on one thread by default: on a shared machine a multi-threaded op mostly measures
-how long its threads wait for each other. Memory: the bytes autograd saves between forward and
+them alike) of the CPU time a step uses (time.process_time), which other processes on a shared
+machine barely disturb, and of its wall time; one thread by default: on a shared machine a
+multi-threaded op mostly measures how long its threads wait for each other. Memory: the bytes autograd saves between forward and
 backward; the weight matrices' state (base W; ours U + sigma + Vh + delta; mkshing W + U + S +
 Vh + delta); and the peak resident memory of a training step above the process's start, in a
 fresh process per variant (Linux VmHWM, reset after a first step).
+
+--unet: the whole UNet at SD 1.5 widths (860 M parameters) instead of the blocks. Ours then
+attaches random factors in place of the SVD (a step costs the same whatever their values; the
+SVD of all 860 M weights is about an hour of CPU), and mkshing is left out (its W + U + S + Vh
+and the rebuilt weights it saves for backward do not fit in memory beside the others).
 """
 
 import argparse
+import contextlib
 import copy
 import ctypes
 import importlib.util
@@ -33,16 +40,19 @@ import statistics
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import spectral  # noqa: E402
-from spectral.cache import SVDCache  # noqa: E402
-from ldm.unet import Attention, Block, Downsample, ResBlock, SpatialTransformer, UNetConfig  # noqa: E402
+from spectral.cache import Factors, SVDCache  # noqa: E402
+from ldm.unet import (Attention, Block, Downsample, ResBlock, SpatialTransformer, UNetConfig,  # noqa: E402
+                      UNetModel)
 
 VARIANTS = ["frozen base", "ours", "mkshing", "LoRA r=4"]
+UNET_VARIANTS = ["frozen base", "ours", "LoRA r=4"]   # mkshing's copies of the whole UNet do not fit
 
 
 # --------------------------------------------------------------------------- the model
@@ -72,10 +82,29 @@ class Stack(nn.Module):
         return x
 
 
-def inputs(batch: int, latent: int):
+def make_model(unet: bool) -> nn.Module:
+    return UNetModel(UNetConfig.sd15()) if unet else Stack()
+
+
+def inputs(unet: bool, batch: int, latent: int):
+    """(x, time input, context): the latent (UNet) or the 320-channel features of the first
+    block (stack), timesteps or their 320-dim features, a 77 x 768 text context."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 320, latent, latent, generator=g).requires_grad_()
-    return x, torch.randn(batch, 320, generator=g), torch.randn(batch, 77, 768, generator=g)
+    x = torch.randn(batch, 4 if unet else 320, latent, latent, generator=g).requires_grad_()
+    time_input = torch.randint(0, 1000, (batch,), generator=g) if unet else torch.randn(batch, 320, generator=g)
+    return x, time_input, torch.randn(batch, 77, 768, generator=g)
+
+
+@contextlib.contextmanager
+def random_factors():
+    """attach with random factors of the right shapes instead of the SVD (--unet): a step costs
+    the same whatever their values, and the SVD of all 860 M weights is an hour of CPU."""
+    def load(self, matrix, key):
+        m, n = matrix.shape
+        r = min(m, n)
+        return Factors(torch.randn(m, r) / m ** 0.5, torch.rand(r), torch.randn(r, n) / n ** 0.5)
+    with mock.patch.object(SVDCache, "load", load), mock.patch.object(SVDCache, "contains", lambda self, key: True):
+        yield
 
 
 # --------------------------------------------------------------------------- the variants
@@ -125,7 +154,7 @@ def to_mkshing(model: nn.Module, cache_dir) -> None:
 
 
 class LoRA(nn.Module):
-    """y = base(x) + scale * up(down(x)), down (r, n) random, up (m, r) zero; base frozen."""
+    """y = base(x) + up(down(x)): down (r, n) random, up (m, r) zero, base frozen."""
 
     def __init__(self, base: nn.Linear, rank: int = 4):
         super().__init__()
@@ -145,16 +174,18 @@ def to_lora(model: nn.Module) -> None:
             m.to_out[0] = LoRA(m.to_out[0])
 
 
-def build(variant: str, plain: nn.Module, cache_dir) -> tuple[nn.Module, torch.optim.Optimizer | None]:
-    model = copy.deepcopy(plain)
-    model.requires_grad_(False)
+def build(variant: str, plain: nn.Module, args) -> tuple[nn.Module, torch.optim.Optimizer | None]:
+    """The variant and its optimizer (None for the frozen base, which is `plain` itself)."""
+    plain.requires_grad_(False)
     if variant == "frozen base":
-        return model, None
+        return plain, None
+    model = copy.deepcopy(plain)
     if variant == "ours":
-        shifts = spectral.attach(model, cache_dir=cache_dir)
+        with random_factors() if args.unet else contextlib.nullcontext():
+            shifts = spectral.attach(model, cache_dir=args.cache_dir)
         return model, torch.optim.AdamW(shifts.param_groups(lr=1e-3, norm_lr=1e-6))
     if variant == "mkshing":
-        to_mkshing(model, cache_dir)
+        to_mkshing(model, args.cache_dir)
     else:
         to_lora(model)
     return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -183,6 +214,12 @@ def set_malloc(mmap_threshold: int) -> None:
         return
     libc.mallopt(-3, mmap_threshold)                     # M_MMAP_THRESHOLD
     libc.mallopt(-1, max(mmap_threshold, 128 * 1024))   # M_TRIM_THRESHOLD
+
+
+def release_memory() -> None:
+    """Give freed heap memory back to the system (before the peak runs start)."""
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 def state_bytes(model: nn.Module) -> dict[str, int]:
     """Bytes of the weight matrices' state: base W; ours U + sigma + Vh + delta; mkshing
@@ -233,7 +270,7 @@ def peak_step_memory(variant: str, args) -> int:
     """Peak resident bytes of one training step above the process's start (model, optimizer
     state, activations), in a fresh process; VmHWM is reset after a first step."""
     command = [sys.executable, os.path.abspath(__file__), "--peak-of", variant, "--latent", str(args.latent),
-               "--batch", str(args.batch), "--threads", str(args.threads)]
+               "--batch", str(args.batch), "--threads", str(args.threads)] + (["--unet"] if args.unet else [])
     if args.cache_dir:
         command += ["--cache-dir", args.cache_dir]
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
@@ -249,8 +286,8 @@ def measure_peak(variant: str, args) -> None:
     set_malloc(64 * 1024)
     baseline = vm_kb("VmRSS")
     torch.manual_seed(0)
-    model, optimizer = build(variant, Stack(), args.cache_dir)
-    batch = inputs(args.batch, args.latent)
+    model, optimizer = build(variant, make_model(args.unet), args)   # (a base copy is freed)
+    batch = inputs(args.unet, args.batch, args.latent)
     step(model, optimizer, batch)                         # allocate optimizer state
     with open("/proc/self/clear_refs", "w") as f:         # reset the high-water mark
         f.write("5")
@@ -268,50 +305,60 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on a shared machine, more threads mostly measure waiting)")
     parser.add_argument("--cache-dir", default=None, help="SVD cache (default ~/.cache/svdiff/svd)")
+    parser.add_argument("--unet", action="store_true",
+                        help="the whole UNet at SD 1.5 widths instead of the blocks: frozen base, ours "
+                             "(random factors in place of the SVD) and LoRA")
     parser.add_argument("--peak-of", choices=VARIANTS, help=argparse.SUPPRESS)   # internal: one peak run
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.peak_of:
         return measure_peak(args.peak_of, args)
-    set_malloc(1 << 30)
+    set_malloc(256 << 20)
 
     torch.manual_seed(0)
-    plain = Stack()
-    batch = inputs(args.batch, args.latent)
-    print(f"SD 1.5 down path + middle block, {sum(p.numel() for p in plain.parameters()) / 1e6:.0f} M "
-          f"parameters, latent {args.latent}x{args.latent}, batch {args.batch}, {args.threads} thread(s)")
+    variants = UNET_VARIANTS if args.unet else VARIANTS
+    plain = make_model(args.unet)
+    batch = inputs(args.unet, args.batch, args.latent)
+    print(f"SD 1.5 {'UNet' if args.unet else 'down path + middle block'}, "
+          f"{sum(p.numel() for p in plain.parameters()) / 1e6:.0f} M parameters, latent {args.latent}x{args.latent}, "
+          f"batch {args.batch}, {args.threads} thread(s)")
     models = {}
-    for variant in VARIANTS:
+    for variant in variants:
         start = time.perf_counter()
-        models[variant] = build(variant, plain, args.cache_dir)
+        models[variant] = build(variant, plain, args)
         print(f"  built {variant} in {time.perf_counter() - start:.1f} s", flush=True)
     del plain
 
-    times = {v: [] for v in VARIANTS}
+    cpu, wall = {v: [] for v in variants}, {v: [] for v in variants}
     for v, (model, optimizer) in models.items():
         step(model, optimizer, batch)                                        # warm-up
     for repeat in range(args.repeats):
         for v, (model, optimizer) in models.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             step(model, optimizer, batch)
-            times[v].append(time.perf_counter() - start)
-        print(f"  repeat {repeat + 1}/{args.repeats}: " + ", ".join(f"{v} {times[v][-1]:.2f} s" for v in VARIANTS),
+            cpu[v].append(time.process_time() - start_cpu)
+            wall[v].append(time.perf_counter() - start)
+        print(f"  repeat {repeat + 1}/{args.repeats} (cpu s): " + ", ".join(f"{v} {cpu[v][-1]:.2f}" for v in variants),
               flush=True)
-    median = {v: statistics.median(t) for v, t in times.items()}
+    median = {v: statistics.median(t) for v, t in cpu.items()}
+    median_wall = {v: statistics.median(t) for v, t in wall.items()}
     saved = {v: saved_bytes(model, optimizer, batch) for v, (model, optimizer) in models.items()}
     state = {v: state_bytes(model)["matrices"] for v, (model, _) in models.items()}
     del models
-    peak = {v: peak_step_memory(v, args) for v in VARIANTS}
+    release_memory()
+    peak = {v: peak_step_memory(v, args) for v in variants}
 
     base = "frozen base"
-    print(f"\n{'variant':12s} {'step s':>7s} {'vs base':>8s} {'saved MB':>9s} {'vs base':>8s} "
-          f"{'peak MB':>8s} {'vs base':>8s} {'matrix state MB':>15s} {'vs base':>8s}")
-    for v in VARIANTS:
-        print(f"{v:12s} {median[v]:7.2f} {median[v] / median[base]:7.2f}x {saved[v] / 1e6:9.0f} "
+    print(f"\n{'variant':12s} {'cpu s':>7s} {'vs base':>8s} {'wall s':>7s} {'vs base':>8s} {'saved MB':>9s} "
+          f"{'vs base':>8s} {'peak MB':>8s} {'vs base':>8s} {'matrix state MB':>15s} {'vs base':>8s}")
+    for v in variants:
+        print(f"{v:12s} {median[v]:7.2f} {median[v] / median[base]:7.2f}x {median_wall[v]:7.2f} "
+              f"{median_wall[v] / median_wall[base]:7.2f}x {saved[v] / 1e6:9.0f} "
               f"{saved[v] / saved[base]:7.2f}x {peak[v] / 1e6:8.0f} {peak[v] / peak[base]:7.2f}x "
               f"{state[v] / 1e6:15.0f} {state[v] / state[base]:7.2f}x")
-    print(f"\nmkshing step / ours: {median['mkshing'] / median['ours']:.2f}x; ours' matrix state over the "
-          f"whole SD 1.5 UNet + text encoder: {full_model_state_ratio():.2f}x the weights")
+    if "mkshing" in median:
+        print(f"\nmkshing step / ours: {median['mkshing'] / median['ours']:.2f}x")
+    print(f"ours' matrix state over the whole SD 1.5 UNet + text encoder: {full_model_state_ratio():.2f}x the weights")
     print("goals: ours <= 1.25x base, mkshing >= 2x ours, ours' state <= 1.3x base")
 
 

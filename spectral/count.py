@@ -21,12 +21,12 @@ from spectral.io import save_shifts
 from spectral.layers import NORMS, targets
 
 
-def delta_size(module: nn.Module, norm_as_scalar: bool = False) -> int:
-    """Number of trained shift values for one layer: min(m, n) for a weight matrix, the channel
-    count (or 1) for a norm scale."""
+def delta_size(module: nn.Module) -> int:
+    """Number of trained shift values of one layer: min(m, n) for a weight matrix, the size of
+    the scale vector for a norm."""
     shape = module.weight.shape
     if isinstance(module, NORMS):
-        return 1 if norm_as_scalar else shape[0]
+        return math.prod(shape)
     return min(shape[0], math.prod(shape[1:]))
 
 

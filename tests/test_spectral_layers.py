@@ -201,3 +201,23 @@ def test_load_deltas_round_trip_and_refusals(model, tmp_path, inputs):
     with pytest.raises(spectral.ShiftFileError, match=r"wrong shape, e.g. fc \(4,\) where the model has \(10,\)"):
         spectral.load_deltas(model, {**deltas, "fc": torch.zeros(4)})
     assert shifts.named_deltas()["fc"].shape == (10,)
+
+
+def test_norm_shift_is_additive_on_the_scale(tmp_path):
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"gn": nn.GroupNorm(2, 6), "ln": nn.LayerNorm(6)})
+    with torch.no_grad():
+        for norm in model.values():
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.normal_()
+    image, tokens = torch.randn(3, 6, 4, 4), torch.randn(3, 5, 6)
+    plain = (model["gn"](image), model["ln"](tokens))
+    shifts = spectral.attach(model, cache_dir=tmp_path, progress=False)
+    assert torch.equal(model["gn"](image), plain[0]) and torch.equal(model["ln"](tokens), plain[1])
+    for p in shifts.norms:
+        p.data.normal_(0, 0.2)
+    gn, ln = shifts.modules["gn"], shifts.modules["ln"]
+    expected_gn = F.group_norm(image.double(), 2, (gn.weight + gn.delta).double(), gn.bias.double(), gn.eps)
+    expected_ln = F.layer_norm(tokens.double(), (6,), (ln.weight + ln.delta).double(), ln.bias.double(), ln.eps)
+    torch.testing.assert_close(model["gn"](image).double(), expected_gn, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model["ln"](tokens).double(), expected_ln, rtol=1e-5, atol=1e-5)
