@@ -3,6 +3,7 @@
     python -m edit.sample --prompt "a red star on the left" --n 4 --out grid.png
     python -m edit.sample --model sd-v1-5.safetensors --prompt "a photo of a cat" \\
         --steps 25 --guidance 7.5 --size 512 --device cuda --out cats.png
+    python -m edit.sample --shift out/single/spectral_shifts.safetensors --prompt "a sks star"
 
 Every --prompt gets one row of --n images. Row i, column j starts from the noise of seed
 `--seed` image j, so each column shares its starting noise across prompts: a grid shows what
@@ -19,6 +20,7 @@ import time
 import torch
 
 from edit.grid import save_grid
+from edit.shifts import apply_shifts, parse_shift
 from ldm.checkpoint import DEFAULT_MODEL, CheckpointError, load
 from ldm.schedule import PREDICTION_TYPES
 
@@ -40,8 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--prediction-type", choices=PREDICTION_TYPES,
                        help="what the network predicts (default: decided by rule, see "
                             "python -m ldm.info)")
-    # Spectral shifts will plug in here: --shift FILE[:WEIGHT], repeatable, each file's deltas
-    # scaled by WEIGHT and added (spectral.combine), merged into the weights once before sampling.
+    model.add_argument("--shift", action="append", default=[], metavar="FILE[:WEIGHT]",
+                       help="spectral_shifts.safetensors from train.single; repeat to combine: "
+                            "ReLU(sigma + w1 delta1 + w2 delta2 + ...), merged into the weights "
+                            "once (WEIGHT default 1; 0.5 + 0.5 interpolates)")
+    model.add_argument("--svd-cache", metavar="DIR",
+                       help="where the base model's SVD is cached (default ~/.cache/svdiff/svd)")
     model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     model.add_argument("--dtype", choices=DTYPES,
                        help="default: float16 on CUDA, float32 on the CPU")
@@ -99,6 +105,9 @@ def run(args: argparse.Namespace) -> str:
         torch.float16 if torch.device(args.device).type == "cuda" else torch.float32)
     model = load(args.model, tokenizer_dir=args.tokenizer, prediction_type=args.prediction_type,
                  device=args.device, dtype=dtype)
+    if args.shift:
+        apply_shifts(model, [parse_shift(text) for text in args.shift], cache_dir=args.svd_cache,
+                     progress=not args.quiet)
     images, labels = [], []
     for prompt in args.prompt:
         images.append(model.generate([prompt] * args.n, negative_prompt=args.negative_prompt,
