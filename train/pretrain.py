@@ -65,7 +65,7 @@ class PretrainConfig:
     # absolute color (measured: a (1, 2) VAE renders every object brown); two per group keep it
     vae_ch_mult: tuple[int, ...] = (2, 2)
     vae_res_blocks: int = 1
-    vae_steps: int = 800
+    vae_steps: int = 2000
     vae_batch: int = 16
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
@@ -80,7 +80,7 @@ class PretrainConfig:
     text_layers: int = 2
     text_heads: int = 2
     # UNet + text training
-    steps: int = 4000
+    steps: int = 8000
     batch: int = 32
     lr: float = 6e-4
     warmup: int = 200
