@@ -17,11 +17,13 @@ AdamW step):
 
 Times are medians of interleaved repeats (the variants take turns, so a busy machine slows
 them alike) of the CPU time a step uses (time.process_time), which other processes on a shared
-machine barely disturb, and of its wall time; one thread by default: on a shared machine a
-multi-threaded op mostly measures how long its threads wait for each other. Memory: the bytes autograd saves between forward and
-backward; the weight matrices' state (base W; ours U + sigma + Vh + delta; mkshing W + U + S +
-Vh + delta); and the peak resident memory of a training step above the process's start, in a
-fresh process per variant (Linux VmHWM, reset after a first step).
+machine barely disturb, and of its wall time. One thread by default: on a shared machine a
+multi-threaded op mostly measures how long its threads wait for each other.
+
+Memory: the bytes autograd saves between forward and backward; the weight matrices' state
+(base W; ours U + sigma + Vh + delta; mkshing W + U + S + Vh + delta); and the peak resident
+memory of a training step above the process's start, in a fresh process per variant (Linux
+VmHWM, reset after a first step).
 
 --unet: the whole UNet at SD 1.5 widths (860 M parameters) instead of the blocks. Ours then
 attaches random factors in place of the SVD (a step costs the same whatever their values; the
@@ -221,7 +223,8 @@ def release_memory() -> None:
     with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
-def state_bytes(model: nn.Module) -> dict[str, int]:
+
+def state_bytes(model: nn.Module) -> int:
     """Bytes of the weight matrices' state: base W; ours U + sigma + Vh + delta; mkshing
     W + U + S + Vh + delta (their factors are plain attributes, not buffers)."""
     total = 0
@@ -233,15 +236,15 @@ def state_bytes(model: nn.Module) -> dict[str, int]:
                 total += sum(t.numel() * t.element_size() for t in (m.weight, m.U, m.S, m.Vh, m.delta))
         elif type(m) in (nn.Linear, nn.Conv2d):
             total += m.weight.numel() * m.weight.element_size()
-    return {"matrices": total}
+    return total
 
 
-def full_model_state_ratio(family: str = "sd15") -> float:
+def full_model_state_ratio() -> float:
     """(U + sigma + Vh + delta) / W over every weight matrix of the whole UNet and text encoder,
     counted on the meta device."""
     from spectral.count import build
     base = ours = 0
-    for model in build(family).values():
+    for model in build("sd15").values():
         for module in spectral.layers.targets(model).values():
             if module.weight.dim() > 1:
                 m, n = module.weight.shape[0], module.weight[0].numel()
@@ -343,7 +346,7 @@ def main() -> None:
     median = {v: statistics.median(t) for v, t in cpu.items()}
     median_wall = {v: statistics.median(t) for v, t in wall.items()}
     saved = {v: saved_bytes(model, optimizer, batch) for v, (model, optimizer) in models.items()}
-    state = {v: state_bytes(model)["matrices"] for v, (model, _) in models.items()}
+    state = {v: state_bytes(model) for v, (model, _) in models.items()}
     del models
     release_memory()
     peak = {v: peak_step_memory(v, args) for v in variants}
