@@ -348,7 +348,7 @@ def train(args):
 
     start = resume(model, optimizer, scaler, args, fingerprint) if args.resume else 0
     log = data.TrainingLog(out / "log.csv", resume_step=start if args.resume else None)
-    validation = args.validation_prompt or prompts
+    validation = args.validation_prompt or [p for p in (args.instance_prompt, args.class_prompt) if p]
     if start == 0:
         print(f"samples before training: {sample_grid(model, validation, 0, args)}")
 
