@@ -122,7 +122,9 @@ class TextEncoder(nn.Module):
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
         """Prompts -> contexts (B, max_length, hidden) on the model's device and dtype."""
-        device = self.transformer.embeddings.token_embedding.weight.device
+        # any parameter tells the device; not token_embedding.weight, which a spectral layer
+        # would rebuild (49408 x 768 for SD) on every access
+        device = next(self.parameters()).device
         return self(self.tokenize(prompts).to(device))
 
 
