@@ -168,10 +168,12 @@ class ShiftedNorm(nn.Module):
         self.delta = nn.Parameter(torch.zeros_like(layer.weight, dtype=torch.float32))
 
     def forward(self, x: Tensor) -> Tensor:
+        # scale and bias in the input's dtype: under autocast x may be half while both are fp32
         scale = (self.weight + self.delta).to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.layer_norm:
-            return F.layer_norm(x, self.shape, scale, self.bias, self.eps)
-        return F.group_norm(x, self.shape, scale, self.bias, self.eps)
+            return F.layer_norm(x, self.shape, scale, bias, self.eps)
+        return F.group_norm(x, self.shape, scale, bias, self.eps)
 
     def to_plain(self, shifted: bool) -> nn.Module:
         if self.layer_norm:
