@@ -41,6 +41,7 @@ import torch
 from tqdm import tqdm
 
 import spectral
+from edit.shifts import fingerprint as base_fingerprint  # the one edit.sample checks files with
 from ldm import checkpoint
 from ldm.checkpoint import CheckpointError
 from train import data
@@ -163,13 +164,6 @@ def generate(model, prompts, seed, args, progress=False):
 def autocast_kwargs(args):
     dtype = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
     return {"enabled": dtype is not None, "dtype": dtype}
-
-
-def base_fingerprint(model) -> str:
-    """Identifies the weights the shifts apply to (UNet and text encoder)."""
-    state = {f"unet.{k}": v for k, v in model.unet.state_dict().items()}
-    state.update({f"text.{k}": v for k, v in model.text_encoder.state_dict().items()})
-    return checkpoint.fingerprint(state)
 
 
 # ----------------------------------------------------------------------------- the method
