@@ -103,11 +103,14 @@ def run(args: argparse.Namespace) -> str:
     check_args(args)
     dtype = DTYPES[args.dtype] if args.dtype else (
         torch.float16 if torch.device(args.device).type == "cuda" else torch.float32)
+    # With shifts, load in float32 first: the base fingerprint a shift file is checked against
+    # is taken on float32 weights (as in training), and the merge is done at full precision.
     model = load(args.model, tokenizer_dir=args.tokenizer, prediction_type=args.prediction_type,
-                 device=args.device, dtype=dtype)
+                 device=args.device, dtype=torch.float32 if args.shift else dtype)
     if args.shift:
         apply_shifts(model, [parse_shift(text) for text in args.shift], cache_dir=args.svd_cache,
                      progress=not args.quiet)
+        model.to(dtype=dtype)
     images, labels = [], []
     for prompt in args.prompt:
         images.append(model.generate([prompt] * args.n, negative_prompt=args.negative_prompt,

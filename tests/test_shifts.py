@@ -95,6 +95,9 @@ def test_cli_shift(tmp_path, monkeypatch, capsys):
     assert sample.main(common + ["--shift", str(tmp_path / "a.safetensors:2"),
                                  "--out", str(tmp_path / "shifted.png")]) == 0
     assert (tmp_path / "base.png").read_bytes() != (tmp_path / "shifted.png").read_bytes()
+    # a half-precision run checks the file against the float32 weights it was trained on
+    assert sample.main(common + ["--shift", str(tmp_path / "a.safetensors"), "--dtype", "bfloat16",
+                                 "--out", str(tmp_path / "half.png")]) == 0
 
     save(tmp_path / "other.safetensors", {"unet.out.2": torch.zeros(4)}, "0" * 32)
     assert sample.main(common + ["--shift", str(tmp_path / "other.safetensors"),
