@@ -9,7 +9,8 @@ Single file (`.safetensors`, `.ckpt`), the CompVis / A1111 / ComfyUI layout:
     model_ema.*                             EMA copy of the UNet: ignored (see below)
 
 `.ckpt` files are pickles and are read with `torch.load(weights_only=True)` only: a pickle that
-needs anything but tensors and plain containers (code, objects) is refused, never unpickled.
+needs anything but tensors and plain containers (code, objects) is refused, never unpickled
+(ldm/files.py reads the files).
 
 Diffusers folders (unet/ vae/ text_encoder/ tokenizer/ [scheduler/]) are renamed to the
 CompVis names by the explicit rules of `diffusers_unet_name_to_compvis` and
@@ -27,9 +28,7 @@ extract_ema) use; released "-ema-only" files already hold EMA weights there.
 import hashlib
 import json
 import os
-import pickle
 import re
-import zipfile
 from dataclasses import asdict
 
 import torch
@@ -38,6 +37,7 @@ from transformers import CLIPTextConfig
 from ldm import diffusers_layout
 from ldm import text as ldm_text
 from ldm.diffusers_layout import diffusers_unet_name_to_compvis  # noqa: F401 (API)
+from ldm.files import CheckpointError, file_format, read_single_file  # noqa: F401 (API)
 from ldm.model import StableDiffusion
 from ldm.schedule import PREDICTION_TYPES, NoiseSchedule
 from ldm.unet import UNetConfig, UNetModel
@@ -50,116 +50,6 @@ VAE_PREFIX = "first_stage_model."
 SD1_TEXT_PREFIX = "cond_stage_model.transformer."
 SD2_TEXT_PREFIX = "cond_stage_model.model."
 METADATA_KEY = "svdiff_config"
-
-
-class CheckpointError(Exception):
-    """A file we cannot or will not load; the message is one line, shown as is by the CLIs."""
-
-
-# ----------------------------------------------------------------------------- reading files
-
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-                       "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
-                       "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def _safetensors_header(path: str) -> tuple[dict, dict]:
-    """(tensor entries, metadata) from the JSON header: 8 bytes little-endian length N, then N
-    bytes of JSON {name: {dtype, shape, data_offsets}, "__metadata__": {str: str}}. Checks that
-    every tensor's bytes lie inside the file, so a truncated download is caught here."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if n > size - 8:
-            raise CheckpointError(f"{path}: truncated or corrupt safetensors file (header of {n} "
-                                  f"bytes, file of {size})")
-        try:
-            header = json.loads(f.read(n))
-            metadata = header.pop("__metadata__", None) or {}
-            end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
-        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError,
-                TypeError, IndexError) as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({type(e).__name__}: "
-                                  f"{e})") from None
-    if 8 + n + end > size:
-        raise CheckpointError(f"{path}: truncated safetensors file (tensors need {8 + n + end} "
-                              f"bytes, the file has {size})")
-    return header, metadata
-
-
-def _read_safetensors(path: str, meta: bool) -> tuple[dict, dict]:
-    header, metadata = _safetensors_header(path)
-    if meta:  # shapes only: nothing but the header is read
-        return {k: torch.empty(e["shape"], dtype=_SAFETENSORS_DTYPES.get(e["dtype"], torch.uint8),
-                               device="meta") for k, e in header.items()}, metadata
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    try:
-        return load_file(path, device="cpu"), metadata
-    except SafetensorError as e:
-        raise CheckpointError(f"{path}: corrupt safetensors file ({e})") from None
-
-
-def _read_pickle(path: str, meta: bool) -> tuple[dict, dict]:
-    """A torch.save file, tensors and containers only. Returns (state dict, {"global_step": ..})."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True,
-                         mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL (\S+)|Unsupported class (\S+)", str(e))
-        name = found and (found.group(1) or found.group(2))
-        what = f" (it asks for {name})" if name else ""
-        if name and name.startswith(("pytorch_lightning.", "lightning.")):
-            what += ", a training callback saved beside the weights"
-        raise CheckpointError(f"{path}: refused: this pickle needs more than tensors to load"
-                              f"{what}; it was not unpickled. Convert it to .safetensors with a "
-                              "tool you trust") from None
-    except Exception as e:  # corrupt zip, truncated stream, ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(f"{path}: unreadable PyTorch file ({type(e).__name__}: {first})") \
-            from None
-    extras = {}
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        if isinstance(obj.get("global_step"), int):
-            extras["global_step"] = obj["global_step"]
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
-    state_dict = {k: v for k, v in obj.items() if isinstance(k, str) and torch.is_tensor(v)}
-    if meta:
-        state_dict = {k: v.to("meta") for k, v in state_dict.items()}
-    return state_dict, extras
-
-
-def file_format(path: str) -> str | None:
-    """"safetensors", "pickle" (torch.save, zip or legacy) or None, from the first bytes."""
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if not head:
-        raise CheckpointError(f"{path}: empty file")
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch zip archive, or a bare pickle
-        return "pickle"
-    if len(head) == 9 and head[8:9] == b"{":  # safetensors: header length, then JSON
-        return "safetensors"
-    return None
-
-
-def read_single_file(path: str, meta: bool = False) -> tuple[dict, dict]:
-    """(state dict, metadata) of a .safetensors or torch.save file, told apart by content.
-    meta=True gives tensors on the meta device (shapes and dtypes only)."""
-    if os.path.isdir(path):
-        raise CheckpointError(f"{path}: is a directory, not a diffusers folder (no "
-                              "model_index.json nor unet/ vae/ text_encoder/)")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such file")
-    kind = file_format(path)
-    if kind is None:
-        raise CheckpointError(f"{path}: not a checkpoint (neither safetensors nor a PyTorch file)")
-    read = _read_safetensors if kind == "safetensors" else _read_pickle
-    state_dict, metadata = read(path, meta)
-    if not state_dict:
-        raise CheckpointError(f"{path}: contains no tensors")
-    return state_dict, metadata
 
 
 # ----------------------------------------------------------------------------- what is it?
