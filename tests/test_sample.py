@@ -75,7 +75,9 @@ def test_cli_writes_grid_of_the_right_size(saved, tmp_path):
     # the top-left tile is what the API gives for the first prompt with the same seed
     images = model.generate(["a red star"] * 3, steps=2, seed=3, progress=False)
     tile = (images[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
-    assert np.array_equal(grid[2:34, 2:34], tile)
+    # (within one level of 255: another process may run another number of threads, which
+    # changes float summation order and so, rarely, the rounding of a pixel)
+    assert np.abs(grid[2:34, 2:34].astype(int) - tile.astype(int)).max() <= 1
 
 
 def test_cli_captions(saved, tmp_path):
