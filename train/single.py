@@ -52,9 +52,9 @@ EXAMPLE_SUBJECT = "striped_star"
 EXAMPLE_PROMPTS = ("a sks star", "a star")
 # defaults that depend on the model. SD: the paper's lr (DreamBooth's for a full fine-tune),
 # the usual guidance, torch's threads. The bundled tiny model must learn the subject in a few
-# hundred CPU steps: on it, 500 steps at lr 1e-2 give 94% subject fidelity and 8% prior drift
-# (lr 1e-3: 23% fidelity after 200 steps); a full fine-tune at 5e-4 gives 92% / 20% (1e-4:
-# 82% / 22%). It was tuned for guidance 4, and its layers are too small to split over
+# hundred CPU steps: on its 12000-step weights, 500 steps at lr 1e-2 give 88% subject fidelity
+# and 18% prior drift (lr 5e-3: 62% / 22%; on the earlier 8000-step weights lr 1e-3 reached only
+# 23% fidelity after 200 steps); a full fine-tune at 5e-4 gives 92% / 46%. It was tuned for guidance 4, and its layers are too small to split over
 # threads (2 threads ran 7x slower than 1 on a busy 2-core machine).
 MODEL_DEFAULTS = {"sd": {"lr": 1e-3, "full_lr": 5e-6, "guidance": 7.5, "threads": None},
                   "bundled": {"lr": 1e-2, "full_lr": 5e-4, "guidance": 4.0, "threads": 1}}
