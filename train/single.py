@@ -52,12 +52,15 @@ EXAMPLE_SUBJECT = "striped_star"
 EXAMPLE_PROMPTS = ("a sks star", "a star")
 # defaults that depend on the model. SD: the paper's lr (DreamBooth's for a full fine-tune),
 # the usual guidance, torch's threads. The bundled tiny model must learn the subject in a few
-# hundred CPU steps: on its 12000-step weights, 500 steps at lr 1e-2 give 88% subject fidelity
-# and 18% prior drift (lr 5e-3: 62% / 22%; on the earlier 8000-step weights lr 1e-3 reached only
-# 23% fidelity after 200 steps); a full fine-tune at 5e-4 gives 92% / 46%. It was tuned for guidance 4, and its layers are too small to split over
+# hundred CPU steps: on its 12000-step weights, 500 steps at lr 1e-2, batch 8, with the text
+# encoder's shifts trained too give 88% subject fidelity and 4% prior drift (UNet only, batch 4:
+# 88% / 18%; lr 5e-3: 62% / 22%; on the earlier 8000-step weights lr 1e-3 reached only 23%
+# fidelity after 200 steps); a full fine-tune at 5e-4 gives 92% / 46%. It was tuned for guidance 4, and its layers are too small to split over
 # threads (2 threads ran 7x slower than 1 on a busy 2-core machine).
-MODEL_DEFAULTS = {"sd": {"lr": 1e-3, "full_lr": 5e-6, "guidance": 7.5, "threads": None},
-                  "bundled": {"lr": 1e-2, "full_lr": 5e-4, "guidance": 4.0, "threads": 1}}
+MODEL_DEFAULTS = {"sd": {"lr": 1e-3, "full_lr": 5e-6, "guidance": 7.5, "threads": None,
+                         "batch_size": 4, "train_text_encoder": False},
+                  "bundled": {"lr": 1e-2, "full_lr": 5e-4, "guidance": 4.0, "threads": 1,
+                              "batch_size": 8, "train_text_encoder": True}}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
       "runs/class-images/<base model>-<class prompt>")
     a("--num-class-images", type=int, default=32, help="prior images to use (DreamBooth: 100-200 on SD)")
     a("--prior-loss-weight", type=float, default=1.0, help="lambda; 0 disables prior preservation")
-    a("--train-text-encoder", action="store_true", help="spectral shifts on the text encoder too")
+    a("--train-text-encoder", action=argparse.BooleanOptionalAction,
+      help="spectral shifts on the text encoder too; default: off, on for the bundled tiny model")
     a("--full-finetune", action="store_true", help="baseline for comparison only: train every "
       "UNet weight plainly (no spectral shifts; writes no shift file)")
     a("--lr", type=float, help="learning rate of the singular-value shifts; default: 1e-3 (the "
@@ -88,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
       "5e-4 on the bundled model")
     a("--lr-1d", type=float, default=1e-6, help="learning rate of the norm-scale shifts")
     a("--steps", type=int, default=500, help="optimizer steps")
-    a("--batch-size", type=int, default=4, help="instance images per step (as many prior images again)")
+    a("--batch-size", type=int, help="instance images per step (as many prior images again); "
+                                     "default: 4, 8 for the bundled tiny model")
     a("--resolution", type=int, help="training image size; default: the model's (32 for the "
       "bundled model, 512 for SD 1.x)")
     a("--seed", type=int, default=0, help="seeds data order, augmentation, t, noise and samples")
@@ -402,7 +407,7 @@ def train(args):
 def check_args(parser, args):
     """Values argparse cannot check by type: exit 2 with argparse's usage line and message."""
     for name in ("steps", "batch_size", "save_every", "num_class_images", "sample_steps"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     for name in ("validation_every", "eval_samples", "prior_loss_weight", "lr", "lr_1d"):
         if (getattr(args, name) or 0) < 0:
