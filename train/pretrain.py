@@ -49,6 +49,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from train import toyworld
+from train.data import save_atomically
 from train.tokenizer import build as build_tokenizer
 
 
@@ -158,9 +159,7 @@ def lr_constant(step, base, warmup):
 
 def save_state(path, state):
     """Atomic: a crash leaves either the old file or the new one, never half of one."""
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    save_atomically(lambda temporary: torch.save(state, temporary), path)
 
 
 def log_row(path, row):
@@ -236,8 +235,7 @@ def encode_dataset(config, vae, work):
             means.append(posterior.mean)
             stds.append(posterior.std)
     data = dict(mean=torch.cat(means), std=torch.cat(stds), captions=[s.caption for s in scenes])
-    torch.save(data, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    save_atomically(lambda temporary: torch.save(data, temporary), path)
     return data
 
 
