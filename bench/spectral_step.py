@@ -20,6 +20,18 @@ them alike) of the CPU time a step uses (time.process_time), which other process
 machine barely disturb, and of its wall time. One thread by default: on a shared machine a
 multi-threaded op mostly measures how long its threads wait for each other.
 
+Arithmetic: the multiply-adds of one step (torch.utils.flop_counter: matmuls, convs, attention;
+forward and backward), for the same variants. It says how much of a time ratio is the method's
+arithmetic and how much is overhead. For ours it is also about the floor of any exact
+implementation: per layer the delta gradient needs x V^T and dY U, or dW = dY^T x and a
+diagonal of U^T dW V, on top of the base's forward and input gradient. For a square d x d
+layer applied to N tokens that is 4 N d^2 multiply-adds (factored) against the base's 2 N d^2,
+or 3 N d^2 + 3 d^3 (rebuilding W_delta in forward and backward; 3 N d^2 + 2 d^3 even if it
+were kept), so below N = 2..3 d nothing exact beats 2x on those layers (spectral/function.py's
+cost model picks the cheaper form per call). At a 16 x 16 latent all of SD 1.5's square
+attention projections are in that regime; at 64 x 64 the finest level has 25x more tokens
+than channels and the ratio falls.
+
 Memory: the bytes autograd saves between forward and backward; the weight matrices' state
 (base W; ours U + sigma + Vh + delta; mkshing W + U + S + Vh + delta); and the peak resident
 memory of a training step above the process's start, in a fresh process per variant (Linux
@@ -46,6 +58,7 @@ from unittest import mock
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import spectral  # noqa: E402
@@ -191,6 +204,13 @@ def build(variant: str, plain: nn.Module, args) -> tuple[nn.Module, torch.optim.
     else:
         to_lora(model)
     return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+
+def step_flops(model, optimizer, batch) -> int:
+    """Floating-point operations (2 per multiply-add) of one training step."""
+    with FlopCounterMode(display=False) as counter:
+        step(model, optimizer, batch)
+    return counter.get_total_flops()
 
 
 def step(model, optimizer, batch) -> None:
@@ -345,6 +365,7 @@ def main() -> None:
               flush=True)
     median = {v: statistics.median(t) for v, t in cpu.items()}
     median_wall = {v: statistics.median(t) for v, t in wall.items()}
+    flops = {v: step_flops(model, optimizer, batch) for v, (model, optimizer) in models.items()}
     saved = {v: saved_bytes(model, optimizer, batch) for v, (model, optimizer) in models.items()}
     state = {v: state_bytes(model) for v, (model, _) in models.items()}
     del models
@@ -352,12 +373,12 @@ def main() -> None:
     peak = {v: peak_step_memory(v, args) for v in variants}
 
     base = "frozen base"
-    print(f"\n{'variant':12s} {'cpu s':>7s} {'vs base':>8s} {'wall s':>7s} {'vs base':>8s} {'saved MB':>9s} "
-          f"{'vs base':>8s} {'peak MB':>8s} {'vs base':>8s} {'matrix state MB':>15s} {'vs base':>8s}")
+    print(f"\n{'variant':12s} {'cpu s':>7s} {'vs base':>8s} {'wall s':>7s} {'vs base':>8s} {'GFLOP':>7s} {'vs base':>8s} "
+          f"{'saved MB':>9s} {'vs base':>8s} {'peak MB':>8s} {'vs base':>8s} {'matrix state MB':>15s} {'vs base':>8s}")
     for v in variants:
         print(f"{v:12s} {median[v]:7.2f} {median[v] / median[base]:7.2f}x {median_wall[v]:7.2f} "
-              f"{median_wall[v] / median_wall[base]:7.2f}x {saved[v] / 1e6:9.0f} "
-              f"{saved[v] / saved[base]:7.2f}x {peak[v] / 1e6:8.0f} {peak[v] / peak[base]:7.2f}x "
+              f"{median_wall[v] / median_wall[base]:7.2f}x {flops[v] / 1e9:7.1f} {flops[v] / flops[base]:7.2f}x "
+              f"{saved[v] / 1e6:9.0f} {saved[v] / saved[base]:7.2f}x {peak[v] / 1e6:8.0f} {peak[v] / peak[base]:7.2f}x "
               f"{state[v] / 1e6:15.0f} {state[v] / state[base]:7.2f}x")
     if "mkshing" in median:
         print(f"\nmkshing step / ours: {median['mkshing'] / median['ours']:.2f}x")
