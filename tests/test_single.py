@@ -247,6 +247,16 @@ def test_bad_numbers(files, tmp_path, capsys):
     assert exit.value.code == 2 and "--save-every must be at least 1" in error_line(capsys)
 
 
+@pytest.mark.parametrize("device, message", [("gpu0", "--device: unknown device 'gpu0'"),
+                                             ("cuda", "--device cuda, but no CUDA device is available")])
+def test_bad_device(files, tmp_path, capsys, monkeypatch, device, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)    # also on a machine with a GPU
+    with pytest.raises(SystemExit) as exit:
+        single.main(argv(files, tmp_path / "out", "--device", device))
+    assert exit.value.code == 2 and message in error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_model_file(files, tmp_path, capsys):
     args = argv(files, tmp_path / "out")
     args[args.index("--model") + 1] = str(tmp_path / "nope.safetensors")

@@ -412,6 +412,12 @@ def check_args(parser, args):
     for name in ("validation_every", "eval_samples", "prior_loss_weight", "lr", "lr_1d"):
         if (getattr(args, name) or 0) < 0:
             parser.error(f"--{name.replace('_', '-')} must not be negative")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device: unknown device {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but no CUDA device is available")
 
 
 def main(argv=None) -> int:
