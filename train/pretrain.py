@@ -301,13 +301,13 @@ def bundle(vae, unet, text):
 
 def sample_grid(config, unet, text, schedule, work, step):
     """Two samples per SAMPLE_PROMPTS entry (columns), EMA weights, PNG in work/samples/."""
+    from edit.grid import save_grid
     from train.evaluate import generate
     images = generate(bundle(sample_grid.vae, unet, text), SAMPLE_PROMPTS * 2,
                       steps=config.sample_steps, guidance=config.guidance, seed=config.seed)
     os.makedirs(os.path.join(work, "samples"), exist_ok=True)
     path = os.path.join(work, "samples", f"step_{step:06d}.png")
-    image = Image.fromarray(toyworld.grid(images, columns=len(SAMPLE_PROMPTS)))
-    image.resize((image.width * 4, image.height * 4), Image.NEAREST).save(path)
+    save_grid([Image.fromarray(image) for image in images], path, columns=len(SAMPLE_PROMPTS), padding=4, scale=4)
     tqdm.write(f"samples: {path}")
     return path
 

@@ -286,17 +286,6 @@ def vocabulary():
     return sorted(set(words))
 
 
-def grid(images, columns=8):
-    """uint8 (n, h, w, 3) -> one uint8 image, row-major, 1 px gutters."""
-    n, h, w, _ = images.shape
-    rows = -(-n // columns)
-    out = np.full((rows * (h + 1) + 1, columns * (w + 1) + 1, 3), 255, np.uint8)
-    for i, image in enumerate(images):
-        r, c = divmod(i, columns)
-        out[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + c * (w + 1):1 + c * (w + 1) + w] = image
-    return out
-
-
 if __name__ == "__main__":
     import argparse
     parser = argparse.ArgumentParser(description="write a preview grid of the toy world")
@@ -304,8 +293,9 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     images, scenes = dataset(32, args.seed)
+    from edit.grid import save_grid
     subjects = np.concatenate([subject_images(name, 8)[0] for name in SUBJECTS])
-    image = Image.fromarray(grid(np.concatenate([images, subjects])))
-    image.resize((image.width * 4, image.height * 4), Image.NEAREST).save(args.out)
+    save_grid([Image.fromarray(image) for image in np.concatenate([images, subjects])], args.out,
+              columns=8, padding=4, scale=4)
     for s in scenes:
         print(s.caption)
