@@ -81,7 +81,7 @@ class PretrainConfig:
     text_layers: int = 2
     text_heads: int = 2
     # UNet + text training
-    steps: int = 12000
+    steps: int = 16000
     batch: int = 32
     lr: float = 6e-4
     warmup: int = 200
