@@ -52,11 +52,12 @@ EXAMPLE_SUBJECT = "striped_star"
 EXAMPLE_PROMPTS = ("a sks star", "a star")
 # defaults that depend on the model. SD: the paper's lr (DreamBooth's for a full fine-tune),
 # the usual guidance, torch's threads. The bundled tiny model must learn the subject in a few
-# hundred CPU steps: on its 12000-step weights, 500 steps at lr 1e-2, batch 8, with the text
-# encoder's shifts trained too give 88% subject fidelity and 4% prior drift (UNet only, batch 4:
-# 88% / 18%; lr 5e-3: 62% / 22%; on the earlier 8000-step weights lr 1e-3 reached only 23%
-# fidelity after 200 steps); a full fine-tune at 5e-4 gives 92% / 46%. It was tuned for guidance 4, and its layers are too small to split over
-# threads (2 threads ran 7x slower than 1 on a busy 2-core machine).
+# hundred CPU steps: on its 16000-step weights, 500 steps at lr 1e-2, batch 8, with the text
+# encoder's shifts trained too give 82% subject fidelity and 14% prior drift (UNet only, batch 4:
+# 82% / 34%; a full fine-tune at 5e-4, batch 4: 96% / 26%). Earlier weights: lr 5e-3 gave 62% /
+# 22% (12000 steps), lr 1e-3 only 23% fidelity after 200 steps (8000). It was tuned for guidance
+# 4, and its layers are too small to split over threads (2 threads ran 7x slower than 1 on a
+# busy 2-core machine).
 MODEL_DEFAULTS = {"sd": {"lr": 1e-3, "full_lr": 5e-6, "guidance": 7.5, "threads": None,
                          "batch_size": 4, "train_text_encoder": False},
                   "bundled": {"lr": 1e-2, "full_lr": 5e-4, "guidance": 4.0, "threads": 1,
