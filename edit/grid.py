@@ -1,6 +1,7 @@
 """Save images as one PNG grid, plain or with a caption under each tile.
 
     save_grid(images, "grid.png")                          # (B, 3, H, W) in [0, 1]
+    save_grid(renders, "grid.png", scale=4)                # uint8 numpy (B, H, W, 3)
     save_grid(images, "grid.png", labels=prompts, columns=4)
 
 Tiles are laid out row by row with `padding` pixels between them. Small images (the bundled
@@ -11,12 +12,16 @@ labelled, so the captions stay readable and the pixels stay honest.
 import math
 import textwrap
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
 
 def to_pil(images) -> list[Image.Image]:
-    """A batch (B, 3, H, W) or a list of (3, H, W) tensors in [0, 1], or PIL images -> RGB PIL."""
+    """A batch (B, 3, H, W) or a list of (3, H, W) tensors in [0, 1], a uint8 numpy batch
+    (B, H, W, 3), or PIL images -> RGB PIL."""
+    if isinstance(images, np.ndarray):
+        return [Image.fromarray(image).convert("RGB") for image in images]
     if isinstance(images, torch.Tensor):
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images (B, 3, H, W), got {tuple(images.shape)}")

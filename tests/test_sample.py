@@ -116,3 +116,17 @@ def test_cli_help():
     for option in ("--model", "--prompt", "--negative-prompt", "--steps", "--guidance", "--eta",
                    "--seed", "--n", "--size", "--out", "--tokenizer", "--prediction-type"):
         assert option in result.stdout
+
+
+def test_grid_takes_tensors_pil_and_uint8_arrays_alike():
+    """The same pixels as a float batch in [0, 1], PIL images or a uint8 (B, H, W, 3) array give
+    the same grid, tile i at its row-major place, enlarged by nearest neighbour."""
+    from edit.grid import make_grid
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 6, 7, 3), dtype=np.uint8)
+    as_tensor = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
+    grids = [np.asarray(make_grid(images, columns=3, padding=4, scale=2))
+             for images in (pixels, [Image.fromarray(p) for p in pixels], as_tensor)]
+    assert (grids[0] == grids[1]).all() and (grids[0] == grids[2]).all()
+    assert grids[0].shape == (2 * (12 + 4) + 4, 3 * (14 + 4) + 4, 3)
+    top, left = 4 + 16, 4 + 18                                   # tile 4: row 1, column 1
+    assert (grids[0][top:top + 12:2, left:left + 14:2] == pixels[4]).all()

@@ -274,10 +274,9 @@ def quality_bar(model, samples=100, steps=25, guidance=4.0, seed=0, out_dir=None
         images = generate(model, prompts, steps, guidance, seed)
         table[name] = accuracy(prompts, read(images, reader))
         if out_dir:
-            from PIL import Image
             from edit.grid import save_grid
             os.makedirs(out_dir, exist_ok=True)
-            save_grid([Image.fromarray(image) for image in images[:40]],
+            save_grid(images[:40],
                       os.path.join(out_dir, name.replace(", ", "_").replace(" ", "_") + ".png"),
                       columns=10, padding=4, scale=4)
     print(format_table(table, samples, steps, guidance))

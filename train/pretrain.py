@@ -43,9 +43,7 @@ import shutil
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from train import toyworld
@@ -307,7 +305,7 @@ def sample_grid(config, unet, text, schedule, work, step):
                       steps=config.sample_steps, guidance=config.guidance, seed=config.seed)
     os.makedirs(os.path.join(work, "samples"), exist_ok=True)
     path = os.path.join(work, "samples", f"step_{step:06d}.png")
-    save_grid([Image.fromarray(image) for image in images], path, columns=len(SAMPLE_PROMPTS), padding=4, scale=4)
+    save_grid(images, path, columns=len(SAMPLE_PROMPTS), padding=4, scale=4)
     tqdm.write(f"samples: {path}")
     return path
 

@@ -295,7 +295,6 @@ if __name__ == "__main__":
     images, scenes = dataset(32, args.seed)
     from edit.grid import save_grid
     subjects = np.concatenate([subject_images(name, 8)[0] for name in SUBJECTS])
-    save_grid([Image.fromarray(image) for image in np.concatenate([images, subjects])], args.out,
-              columns=8, padding=4, scale=4)
+    save_grid(np.concatenate([images, subjects]), args.out, columns=8, padding=4, scale=4)
     for s in scenes:
         print(s.caption)
