@@ -22,6 +22,7 @@ import torch
 from edit.grid import save_grid
 from edit.shifts import apply_shifts, parse_shift
 from ldm.checkpoint import DEFAULT_MODEL, CheckpointError, load
+from ldm.model import usable_device
 from ldm.schedule import PREDICTION_TYPES
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -90,12 +91,7 @@ def check_args(args: argparse.Namespace) -> None:
     folder = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(folder):
         raise ValueError(f"--out: no such folder {folder}")
-    try:
-        torch.device(args.device)
-    except RuntimeError:
-        raise ValueError(f"--device: unknown device {args.device!r}") from None
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but no CUDA device is available")
+    usable_device(args.device)
 
 
 def run(args: argparse.Namespace) -> str:

@@ -21,6 +21,18 @@ from ldm.unet import UNetModel
 from ldm.vae import AutoencoderKL
 
 
+def usable_device(name: str) -> torch.device:
+    """torch.device(name), or ValueError with a one-line message (for the CLIs' --device) when
+    the name is not a device or names CUDA on a machine without it."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device: unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but no CUDA device is available")
+    return device
+
+
 @dataclass
 class StableDiffusion:
     unet: UNetModel

@@ -100,6 +100,7 @@ def test_cli_bad_inputs(saved, tmp_path, capsys):
         "no such folder": ["--model", model, "--prompt", "x", "--out", str(tmp_path / "a/b.png")],
         ".png": ["--model", model, "--prompt", "x", "--out", str(tmp_path / "grid.jpg")],
         "not a checkpoint": ["--model", str(folder / "tokenizer" / "vocab.json"), "--prompt", "x"],
+        "--device: unknown device 'gpu0'": ["--model", model, "--prompt", "x", "--device", "gpu0"],
     }
     for message, argv in cases.items():
         if "--out" not in argv:

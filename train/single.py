@@ -44,6 +44,7 @@ import spectral
 from edit.shifts import fingerprint as base_fingerprint  # the one edit.sample checks files with
 from ldm import checkpoint
 from ldm.checkpoint import CheckpointError
+from ldm.model import usable_device
 from train import data
 from train.data import DataError
 
@@ -414,11 +415,9 @@ def check_args(parser, args):
         if (getattr(args, name) or 0) < 0:
             parser.error(f"--{name.replace('_', '-')} must not be negative")
     try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        parser.error(f"--device: unknown device {args.device!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda, but no CUDA device is available")
+        usable_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
 
 
 def main(argv=None) -> int:
