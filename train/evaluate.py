@@ -195,7 +195,6 @@ def match(wanted, seen):
     else:
         by_slot = {o["position"]: o for o in seen}
         checks = [(f"{w['position']} ", by_slot.get(w["position"])) for w in wanted]
-
         result["objects"] = len(seen) == len(wanted) and any(
             all(_same(w, o) for w, o in zip(wanted, order)) for order in permutations(seen))
     for w, (prefix, obj) in zip(wanted, checks):
