@@ -20,9 +20,9 @@ them alike) of the CPU time a step uses (time.process_time), which other process
 machine barely disturb, and of its wall time. One thread by default: on a shared machine a
 multi-threaded op mostly measures how long its threads wait for each other.
 
-Arithmetic: the floating-point operations of one step (torch.utils.flop_counter: matmuls, convs, attention;
-forward and backward), for the same variants. It says how much of a time ratio is the method's
-arithmetic and how much is overhead. For ours it is also about the floor of any exact
+Arithmetic: the floating-point operations of one step (torch.utils.flop_counter: matmuls,
+convs, attention; forward and backward), for the same variants. It says how much of a time
+ratio is the method's arithmetic and how much is overhead. For ours it is also about the floor of any exact
 implementation: per layer the delta gradient needs x V^T and dY U, or dW = dY^T x and a
 diagonal of U^T dW V, on top of the base's forward and input gradient. For a square d x d
 layer applied to N tokens that is 4 N d^2 multiply-adds (factored) against the base's 2 N d^2,
