@@ -193,10 +193,15 @@ _CONV_WEIGHT_GRAD = {1: conv_grad.conv1d_weight, 2: conv_grad.conv2d_weight}
 def _mix_channels(weight: Tensor, t: Tensor) -> Tensor:
     """weight (k, c) applied at every position of t (B, c, L) -> (B, k, L), a 1x1 conv.
 
-    One (B L, c) x (c, k) matmul over all positions: `weight @ t` would run a batched matmul
-    on B broadcast copies of the weight, slow when there are few positions.
+    Many positions: B matmuls (k, c) x (c, L), no copies of t (the weight made contiguous: a
+    transposed one, U^T in the backward, sends the batched matmul down a slower path). Few
+    positions (under 32): those matmuls would be too thin to run fast, so one (B L, c) x (c, k)
+    matmul over all positions, at the price of two transposing copies (small then). The
+    crossover was measured on a CPU.
     """
     B, c, L = t.shape
+    if L >= 32:
+        return weight.contiguous() @ t
     return (t.transpose(1, 2).reshape(B * L, c) @ weight.T).view(B, L, -1).transpose(1, 2).contiguous()
 
 
