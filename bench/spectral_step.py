@@ -37,10 +37,11 @@ Memory: the bytes autograd saves between forward and backward; the weight matric
 memory of a training step above the process's start, in a fresh process per variant (Linux
 VmHWM, reset after a first step).
 
---unet: the whole UNet at SD 1.5 widths (860 M parameters) instead of the blocks. Ours then
-attaches random factors in place of the SVD (a step costs the same whatever their values; the
-SVD of all 860 M weights is about an hour of CPU), and mkshing is left out (its W + U + S + Vh
-and the rebuilt weights it saves for backward do not fit in memory beside the others).
+--unet: the whole UNet at SD 1.5 widths (860 M parameters) instead of the blocks. Its weight
+matrices are made from random factors, W = U diag(S) Vh, which ours then attaches in place of
+the SVD (that of all 860 M weights is about an hour of CPU): both variants compute the same
+function on the same values. mkshing is left out (its W + U + S + Vh and the rebuilt weights it
+saves for backward do not fit in memory beside the others).
 """
 
 import argparse
@@ -62,7 +63,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import spectral  # noqa: E402
-from spectral.cache import Factors, SVDCache  # noqa: E402
+from spectral.cache import Factors, SVDCache, fingerprint  # noqa: E402
 from ldm.unet import (Attention, Block, Downsample, ResBlock, SpatialTransformer, UNetConfig,  # noqa: E402
                       UNetModel)
 
@@ -97,8 +98,33 @@ class Stack(nn.Module):
         return x
 
 
-def make_model(unet: bool) -> nn.Module:
-    return UNetModel(UNetConfig.sd15()) if unet else Stack()
+def make_model(unet: bool) -> tuple[nn.Module, dict[str, Factors] | None]:
+    """The model, and for --unet the random factors its weight matrices were made from."""
+    if not unet:
+        return Stack(), None
+    model = UNetModel(UNetConfig.sd15())
+    return model, factored_weights(model)
+
+
+def factored_weights(model: nn.Module) -> dict[str, Factors]:
+    """Set every weight matrix attach would shift to U diag(S) Vh of random factors; return the
+    factors by the weight's cache key (--unet, where the SVD of all 860 M weights would be an hour
+    of CPU). Ours then computes the base's function on the same values, which a CPU timing needs:
+    denormal numbers make some ops many times slower, so even "a step costs the same whatever the
+    values" only holds when both variants see the same ones."""
+    g = torch.Generator().manual_seed(0)
+    factors = {}
+    for module in spectral.layers.targets(model).values():
+        if module.weight.dim() < 2:
+            continue
+        m, n = module.weight.shape[0], module.weight[0].numel()
+        r = min(m, n)
+        f = Factors(torch.randn(m, r, generator=g) / m ** 0.5, torch.rand(r, generator=g),
+                    torch.randn(r, n, generator=g) / n ** 0.5)
+        with torch.no_grad():
+            module.weight.copy_(((f.U * f.S) @ f.Vh).view_as(module.weight))
+        factors[fingerprint(module.weight)] = f
+    return factors
 
 
 def inputs(unet: bool, batch: int, latent: int):
@@ -111,14 +137,10 @@ def inputs(unet: bool, batch: int, latent: int):
 
 
 @contextlib.contextmanager
-def random_factors():
-    """attach with random factors of the right shapes instead of the SVD (--unet): a step costs
-    the same whatever their values, and the SVD of all 860 M weights is an hour of CPU."""
-    def load(self, matrix, key):
-        m, n = matrix.shape
-        r = min(m, n)
-        return Factors(torch.randn(m, r) / m ** 0.5, torch.rand(r), torch.randn(r, n) / n ** 0.5)
-    with mock.patch.object(SVDCache, "load", load), mock.patch.object(SVDCache, "contains", lambda self, key: True):
+def served(factors: dict[str, Factors]):
+    """attach takes its factors from `factors` (by cache key) instead of the SVD cache."""
+    with mock.patch.object(SVDCache, "load", lambda self, matrix, key: factors[key]), \
+            mock.patch.object(SVDCache, "contains", lambda self, key: True):
         yield
 
 
@@ -189,14 +211,16 @@ def to_lora(model: nn.Module) -> None:
             m.to_out[0] = LoRA(m.to_out[0])
 
 
-def build(variant: str, plain: nn.Module, args) -> tuple[nn.Module, torch.optim.Optimizer | None]:
-    """The variant and its optimizer (None for the frozen base, which is `plain` itself)."""
+def build(variant: str, plain: nn.Module, factors: dict[str, Factors] | None, args
+          ) -> tuple[nn.Module, torch.optim.Optimizer | None]:
+    """The variant and its optimizer (None for the frozen base, which is `plain` itself); ours
+    takes its factors from `factors` when given (--unet), else from the SVD cache."""
     plain.requires_grad_(False)
     if variant == "frozen base":
         return plain, None
     model = copy.deepcopy(plain)
     if variant == "ours":
-        with random_factors() if args.unet else contextlib.nullcontext():
+        with served(factors) if factors is not None else contextlib.nullcontext():
             shifts = spectral.attach(model, cache_dir=args.cache_dir)
         return model, torch.optim.AdamW(shifts.param_groups(lr=1e-3, norm_lr=1e-6))
     if variant == "mkshing":
@@ -225,17 +249,22 @@ def step(model, optimizer, batch) -> None:
 
 # --------------------------------------------------------------------------- memory
 
-def set_malloc(mmap_threshold: int) -> None:
-    """Fix glibc's mmap threshold (it otherwise moves with the allocation history, so timings
-    would depend on what ran before: fresh mappings page-fault on every step). Large: tensors
-    are reused from the heap, the steady state of a long run. Small: every tensor is its own
-    mapping, returned when freed, so resident memory follows the live tensors."""
+def set_malloc(for_timing: bool) -> None:
+    """Fix glibc's allocation policy, which otherwise moves with the allocation history.
+
+    Timing: tensors up to 256 MB come from the heap and freed memory stays there (no trimming),
+    so a step reuses the pages of the one before, as a caching allocator (CUDA's) does. With
+    trimming, glibc hands memory back between steps and the next step spends up to seconds
+    page-faulting it in again, by an amount that depends on the order of allocations rather than
+    on the work. Peak memory: every tensor over 64 KB is its own mapping, returned when freed, so
+    resident memory follows the live tensors."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return
-    libc.mallopt(-3, mmap_threshold)                     # M_MMAP_THRESHOLD
-    libc.mallopt(-1, max(mmap_threshold, 128 * 1024))   # M_TRIM_THRESHOLD
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    libc.mallopt(M_MMAP_THRESHOLD, 256 << 20 if for_timing else 64 * 1024)
+    libc.mallopt(M_TRIM_THRESHOLD, -1 if for_timing else 128 * 1024)      # -1: never trim
 
 
 def release_memory() -> None:
@@ -306,10 +335,10 @@ def vm_kb(field: str) -> int:
 
 
 def measure_peak(variant: str, args) -> None:
-    set_malloc(64 * 1024)
+    set_malloc(for_timing=False)
     baseline = vm_kb("VmRSS")
     torch.manual_seed(0)
-    model, optimizer = build(variant, make_model(args.unet), args)   # (a base copy is freed)
+    model, optimizer = build(variant, *make_model(args.unet), args)   # (a base copy is freed)
     batch = inputs(args.unet, args.batch, args.latent)
     step(model, optimizer, batch)                         # allocate optimizer state
     with open("/proc/self/clear_refs", "w") as f:         # reset the high-water mark
@@ -330,17 +359,17 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=None, help="SVD cache (default ~/.cache/svdiff/svd)")
     parser.add_argument("--unet", action="store_true",
                         help="the whole UNet at SD 1.5 widths instead of the blocks: frozen base, ours "
-                             "(random factors in place of the SVD) and LoRA")
+                             "(random factors in place of the SVD, see above) and LoRA")
     parser.add_argument("--peak-of", choices=VARIANTS, help=argparse.SUPPRESS)   # internal: one peak run
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.peak_of:
         return measure_peak(args.peak_of, args)
-    set_malloc(256 << 20)
+    set_malloc(for_timing=True)
 
     torch.manual_seed(0)
     variants = UNET_VARIANTS if args.unet else VARIANTS
-    plain = make_model(args.unet)
+    plain, factors = make_model(args.unet)
     batch = inputs(args.unet, args.batch, args.latent)
     print(f"SD 1.5 {'UNet' if args.unet else 'down path + middle block'}, "
           f"{sum(p.numel() for p in plain.parameters()) / 1e6:.0f} M parameters, latent {args.latent}x{args.latent}, "
@@ -348,9 +377,9 @@ def main() -> None:
     models = {}
     for variant in variants:
         start = time.perf_counter()
-        models[variant] = build(variant, plain, args)
+        models[variant] = build(variant, plain, factors, args)
         print(f"  built {variant} in {time.perf_counter() - start:.1f} s", flush=True)
-    del plain
+    del plain, factors
 
     cpu, wall = {v: [] for v in variants}, {v: [] for v in variants}
     for v, (model, optimizer) in models.items():
