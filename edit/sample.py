@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="SD 1.x / 2.x .safetensors, .ckpt or diffusers folder "
                             "(default: the bundled toy model)")
     model.add_argument("--tokenizer", metavar="DIR",
-                       help="folder with vocab.json + merges.txt (default: tokenizer/ beside the "
+                       help="folder with tokenizer.json or vocab.json + merges.txt (default: tokenizer/ beside the "
                             "model, else an installed CLIP BPE vocabulary)")
     model.add_argument("--prediction-type", choices=PREDICTION_TYPES,
                        help="what the network predicts (default: decided by rule, see "

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                "single files and diffusers folders). Exit status 2 on a file it refuses.")
     parser.add_argument("path", help="a .safetensors / .ckpt file or a diffusers folder")
     parser.add_argument("--tokenizer", metavar="DIR",
-                        help="folder with vocab.json + merges.txt (default: tokenizer/ beside "
+                        help="folder with tokenizer.json or vocab.json + merges.txt (default: tokenizer/ beside "
                              "the weights, else an installed CLIP BPE vocabulary)")
     parser.add_argument("--prediction-type", choices=PREDICTION_TYPES,
                         help="override what the network predicts (default: decided by rule)")

@@ -204,6 +204,20 @@ def test_clip_bpe_vocabulary_golden_ids():
     assert ids[1, 0] == 49406 and (ids[1, 1:76] == 1125).all() and ids[1, 76] == 49407   # truncated
 
 
+def test_tokenizer_saved_as_tokenizer_json_alone(tiny_tokenizer_dir, tmp_path):
+    """transformers 5's save_pretrained writes tokenizer.json, no vocab.json / merges.txt: a
+    diffusers folder saved that way must load, and tokenize as the original does."""
+    original = load_tokenizer(str(tiny_tokenizer_dir))
+    folder = tmp_path / "model" / "tokenizer"
+    original.save_pretrained(folder)
+    for legacy in ("vocab.json", "merges.txt"):
+        (folder / legacy).unlink(missing_ok=True)
+    assert (folder / "tokenizer.json").is_file()
+    reloaded = load_tokenizer(str(tmp_path / "model"))
+    for prompt in ["a cat", "dog cat  do\tCAT!", "x" * 90]:
+        assert reloaded(prompt)["input_ids"] == original(prompt)["input_ids"]
+
+
 def test_missing_tokenizer_says_how_to_supply_one(tmp_path, monkeypatch):
     with pytest.raises(TokenizerNotFound, match="vocab.json"):
         load_tokenizer(str(tmp_path))
