@@ -110,8 +110,8 @@ def factored_weights(model: nn.Module) -> dict[str, Factors]:
     """Set every weight matrix attach would shift to U diag(S) Vh of random factors; return the
     factors by the weight's cache key (--unet, where the SVD of all 860 M weights would be an hour
     of CPU). Ours then computes the base's function on the same values, which a CPU timing needs:
-    denormal numbers make some ops many times slower, so even "a step costs the same whatever the
-    values" only holds when both variants see the same ones."""
+    "a step costs the same whatever the values" fails for denormal numbers, which slow some CPU
+    ops several-fold, so both variants must see the same ones."""
     g = torch.Generator().manual_seed(0)
     factors = {}
     for module in spectral.layers.targets(model).values():
