@@ -24,6 +24,7 @@ from edit.shifts import apply_shifts, parse_shift
 from ldm.checkpoint import DEFAULT_MODEL, CheckpointError, load
 from ldm.model import usable_device
 from ldm.schedule import PREDICTION_TYPES
+from ldm.text import TOKENIZER_FILES
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="SD 1.x / 2.x .safetensors, .ckpt or diffusers folder "
                             "(default: the bundled toy model)")
     model.add_argument("--tokenizer", metavar="DIR",
-                       help="folder with tokenizer.json or vocab.json + merges.txt (default: tokenizer/ beside the "
+                       help=f"folder with {TOKENIZER_FILES} (default: tokenizer/ beside the "
                             "model, else an installed CLIP BPE vocabulary)")
     model.add_argument("--prediction-type", choices=PREDICTION_TYPES,
                        help="what the network predicts (default: decided by rule, see "

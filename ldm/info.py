@@ -18,6 +18,7 @@ from collections import Counter
 
 from ldm.checkpoint import CheckpointError, file_format, is_diffusers_folder, load
 from ldm.schedule import PREDICTION_TYPES
+from ldm.text import TOKENIZER_FILES
 
 FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x"}
 
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                "single files and diffusers folders). Exit status 2 on a file it refuses.")
     parser.add_argument("path", help="a .safetensors / .ckpt file or a diffusers folder")
     parser.add_argument("--tokenizer", metavar="DIR",
-                        help="folder with tokenizer.json or vocab.json + merges.txt (default: tokenizer/ beside "
+                        help=f"folder with {TOKENIZER_FILES} (default: tokenizer/ beside "
                              "the weights, else an installed CLIP BPE vocabulary)")
     parser.add_argument("--prediction-type", choices=PREDICTION_TYPES,
                         help="override what the network predicts (default: decided by rule)")

@@ -219,6 +219,10 @@ def compvis_text_state_dict(encoder: TextEncoder, family: str) -> dict:
 
 # --------------------------------------------------------------------------- tokenizer
 
+# what a tokenizer folder holds (for messages and --help)
+TOKENIZER_FILES = "tokenizer.json or vocab.json + merges.txt"
+
+
 def load_tokenizer(directory: str | None = None) -> CLIPTokenizer:
     """A CLIPTokenizer from `directory` (tokenizer.json, as transformers 5 saves it, or
     vocab.json + merges.txt, as hub folders carry it; or a diffusers model folder with either in
@@ -228,14 +232,12 @@ def load_tokenizer(directory: str | None = None) -> CLIPTokenizer:
             if (folder / "tokenizer.json").is_file() or (
                     (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()):
                 return CLIPTokenizer.from_pretrained(str(folder))
-        raise TokenizerNotFound(f"no tokenizer.json or vocab.json + merges.txt in {directory} "
-                                f"or {directory}/tokenizer")
+        raise TokenizerNotFound(f"no {TOKENIZER_FILES} in {directory} or {directory}/tokenizer")
     bpe = find_bpe_vocabulary()
     if bpe is None:
         raise TokenizerNotFound(
-            "no CLIP tokenizer: pass --tokenizer DIR (a folder with tokenizer.json or vocab.json + merges.txt, "
-            f"such as a diffusers model's tokenizer/), or install a package that ships {BPE_FILE} "
-            "(pip install open_clip_torch)")
+            f"no CLIP tokenizer: pass --tokenizer DIR (a folder with {TOKENIZER_FILES}, such as a "
+            f"diffusers model's tokenizer/), or install a package that ships {BPE_FILE} (pip install open_clip_torch)")
     return tokenizer_from_bpe(bpe)
 
 
