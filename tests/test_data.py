@@ -1,12 +1,11 @@
-"""train/data.py: reading the user's images, augmentation, latent batches, class images, logs."""
+"""train/data.py: reading the user's images, augmentation, latent batches, class images."""
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from train.data import (DataError, ImageSet, TrainingLog, ensure_class_images, plot_losses,
-                        read_images, to_rgb)
+from train.data import DataError, ImageSet, ensure_class_images, read_images, to_rgb
 
 
 def write_png(path, size=(20, 12), mode="RGB", color=(200, 10, 10)):
@@ -127,19 +126,3 @@ def test_class_images_are_generated_once_and_reused(tmp_path):
     assert not list(tmp_path.glob(".*tmp"))
     with pytest.raises(DataError, match="holds images for the class prompt 'a star'"):
         ensure_class_images(tmp_path, 3, "a dog", generate, 2, 10, False)
-
-
-# --- log and plot -----------------------------------------------------------------------------
-
-def test_log_drops_rows_after_the_resumed_step_and_plot_draws(tmp_path):
-    log = TrainingLog(tmp_path / "log.csv")
-    for step in range(1, 6):
-        log.append(step=step, loss=1 / step, instance_loss=1, prior_loss=0, lr=1e-3, seconds=0.1)
-    resumed = TrainingLog(tmp_path / "log.csv", resume_step=3)
-    assert resumed.column("step") == [1, 2, 3]
-    resumed.append(step=4, loss=0.2, instance_loss=1, prior_loss=0, lr=1e-3, seconds=0.1)
-    assert TrainingLog(tmp_path / "log.csv", resume_step=99).column("step") == [1, 2, 3, 4]
-    plot_losses(list(range(50)), [1 / (i + 1) for i in range(49)] + [float("nan")], tmp_path / "loss.png")
-    plot = np.asarray(Image.open(tmp_path / "loss.png"))
-    assert plot.shape == (400, 640, 3)
-    assert ((plot[..., 2] > 150) & (plot[..., 0] < 80)).sum() > 100  # the blue curve is there

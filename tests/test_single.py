@@ -2,6 +2,7 @@
 files a run writes, the shift file's binding to its base model, exact --resume, bad inputs."""
 
 import csv
+import dataclasses
 import math
 import os
 import subprocess
@@ -13,10 +14,12 @@ import torch
 from PIL import Image
 
 import spectral
-from edit.shifts import apply_shifts
+from edit.shifts import apply_shifts, fingerprint as base_fingerprint
 from ldm import checkpoint
+from ldm.vae import AutoencoderKL
 from tiny import tiny_model
 from train import single
+from train.trainable import SpectralShifts
 
 
 @pytest.fixture(autouse=True)
@@ -73,7 +76,6 @@ def test_loss_matches_float64_formula_and_decreases(prediction_type, tmp_path):
     cache = tmp_path / "svd"
     torch.manual_seed(0)
     model = tiny_model("sd1", prediction_type=prediction_type)
-    args = single.build_parser().parse_args(["--lr", "1e-2", "--svd-cache", str(cache)])
     latents, noise = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16)
     t = torch.tensor([10, 900])
     context = model.encode_prompts(["a sks star", "a star"]).detach()
@@ -90,8 +92,8 @@ def test_loss_matches_float64_formula_and_decreases(prediction_type, tmp_path):
                                    expected.float(), rtol=1e-5, atol=1e-6)
 
     # zero shifts are the base model; a few AdamW steps on this fixed batch lower the loss
-    groups, _ = single.attach_trainable(model, args)
-    optimizer = torch.optim.AdamW(groups)
+    trainable = SpectralShifts(model, text_encoder=False, svd_cache=str(cache))
+    optimizer = torch.optim.AdamW(trainable.param_groups(lr=1e-2, lr_1d=1e-6))
     losses = []
     for _ in range(15):
         loss = single.diffusion_loss(model, latents, context, t, noise).mean()
@@ -107,7 +109,7 @@ def test_loss_matches_float64_formula_and_decreases(prediction_type, tmp_path):
 
 def test_run_writes_its_files_and_the_shift_file_fits_only_its_base(files, tmp_path, capsys):
     out = tmp_path / "run"
-    trained = single.train(single.build_parser().parse_args(argv(files, out, "--steps", "3")))
+    trained = single.train(single.parse_args(argv(files, out, "--steps", "3")))
     err = capsys.readouterr().err
     assert "skipping notes.txt: not an image" in err
     for name in ("spectral_shifts.safetensors", "checkpoint.pt", "log.csv", "loss.png",
@@ -121,7 +123,7 @@ def test_run_writes_its_files_and_the_shift_file_fits_only_its_base(files, tmp_p
     # trained (merged) model
     base = checkpoint.load(files["base"])
     deltas, metadata = spectral.load_shifts(out / "spectral_shifts.safetensors",
-                                            expect_fingerprint=single.base_fingerprint(base))
+                                            expect_fingerprint=base_fingerprint(base))
     assert metadata["instance_prompt"] == "a sks star" and metadata["step"] == 3
     assert any(d.abs().max() > 0 for d in deltas.values())  # training moved the shifts
     apply_shifts(base, [(str(out / "spectral_shifts.safetensors"), 1.0)], cache_dir=files["cache"],
@@ -135,22 +137,70 @@ def test_run_writes_its_files_and_the_shift_file_fits_only_its_base(files, tmp_p
     other = checkpoint.load(files["other"])
     with pytest.raises(spectral.ShiftFileError, match="trained on another base model"):
         spectral.load_shifts(out / "spectral_shifts.safetensors",
-                             expect_fingerprint=single.base_fingerprint(other))
+                             expect_fingerprint=base_fingerprint(other))
 
 
-@pytest.mark.parametrize("flags", [["--train-text-encoder"], ["--cache-latents"],
-                                   ["--mixed-precision", "bf16"],
-                                   ["--gradient-checkpointing"],
-                                   ["--full-finetune", "--lr", "1e-5"]])
-def test_options_run(files, tmp_path, flags):
-    out = tmp_path / "run"
+def run_recording_the_loss(files, out, monkeypatch, *flags):
+    """A 2-step run; returns what each loss call saw: autocast state, UNet checkpointing."""
+    seen = []
+    real_loss = single.diffusion_loss
+
+    def recording(model, *a):
+        seen.append({"autocast": torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"),
+                     "checkpointing": model.unet.gradient_checkpointing and model.unet.training})
+        return real_loss(model, *a)
+
+    monkeypatch.setattr(single, "diffusion_loss", recording)
     assert single.main(argv(files, out, "--steps", "2", *flags)) == 0
     assert all(math.isfinite(float(r["loss"])) for r in read_log(out / "log.csv"))
-    if "--full-finetune" in flags:
-        assert not (out / "spectral_shifts.safetensors").exists()
-        return
-    deltas, _ = spectral.load_shifts(out / "spectral_shifts.safetensors")
-    assert any(k.startswith("text.") for k in deltas) == ("--train-text-encoder" in flags)
+    return seen
+
+
+@pytest.mark.parametrize("text_encoder", [False, True])
+def test_train_text_encoder_adds_text_shifts(files, tmp_path, monkeypatch, text_encoder):
+    out = tmp_path / "run"
+    run_recording_the_loss(files, out, monkeypatch, *(["--train-text-encoder"] if text_encoder else []))
+    deltas, metadata = spectral.load_shifts(out / "spectral_shifts.safetensors")
+    assert any(k.startswith("text.") for k in deltas) == text_encoder
+    assert any(d.abs().max() > 0 for k, d in deltas.items() if k.startswith("text.")) == text_encoder
+    assert metadata["training_args"]["train_text_encoder"] == text_encoder
+
+
+@pytest.mark.parametrize("flags, autocast, checkpointing", [
+    ([], False, False),
+    (["--mixed-precision", "bf16"], torch.bfloat16, False),
+    (["--gradient-checkpointing"], False, True)])
+def test_mixed_precision_and_checkpointing_reach_the_loss(files, tmp_path, monkeypatch, flags,
+                                                          autocast, checkpointing):
+    seen = run_recording_the_loss(files, tmp_path / "run", monkeypatch, *flags)
+    assert seen == [{"autocast": autocast, "checkpointing": checkpointing}] * 2
+
+
+def test_cache_latents_encodes_each_image_once(files, tmp_path, monkeypatch):
+    batches = []
+    real_encode = AutoencoderKL.encode
+
+    def counting(self, x):
+        batches.append(len(x))
+        return real_encode(self, x)
+
+    monkeypatch.setattr(AutoencoderKL, "encode", counting)
+    run_recording_the_loss(files, tmp_path / "cached", monkeypatch, "--cache-latents")
+    # 3 subject images and 2 class images, each encoded once with its mirror; no step encodes
+    assert batches == [2] * 5
+    batches.clear()
+    run_recording_the_loss(files, tmp_path / "plain", monkeypatch)
+    assert batches == [1, 1, 1, 1]     # each step encodes its crops: 1 subject + 1 prior, 2 steps
+
+
+def test_method_full_trains_every_unet_weight_and_writes_no_shift_file(files, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    run_recording_the_loss(files, out, monkeypatch, "--method", "full", "--lr", "1e-3")
+    assert not (out / "spectral_shifts.safetensors").exists()
+    trained = torch.load(out / "checkpoint.pt", weights_only=True)["parameters"]
+    base = checkpoint.load(files["base"]).unet.state_dict()
+    assert trained.keys() == {f"unet.{name}" for name in base}
+    assert all(not torch.equal(trained[f"unet.{n}"], w) for n, w in base.items() if n.endswith("weight"))
 
 
 # --- resume ------------------------------------------------------------------------------------
@@ -244,7 +294,7 @@ def test_bad_numbers(files, tmp_path, capsys):
     assert "--resolution 18: must be a multiple of 4" in error_line(capsys)
     with pytest.raises(SystemExit) as exit:
         single.main(argv(files, tmp_path / "out", "--save-every", "0"))
-    assert exit.value.code == 2 and "--save-every must be at least 1" in error_line(capsys)
+    assert exit.value.code == 2 and "--save-every must be at least 1, got 0" in error_line(capsys)
 
 
 @pytest.mark.parametrize("device, message", [("gpu0", "--device: unknown device 'gpu0'"),
@@ -277,7 +327,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(files, tmp_pat
     out = tmp_path / "run"
     assert single.main(argv(files, out, "--steps", "5", "--save-every", "2")) == 1
     line = error_line(capsys)
-    assert "loss is nan at step 3" in line and "last good checkpoint is kept" in line and "(step 2)" in line
+    assert "loss is nan at step 3" in line and "the last good save is step 2" in line
     _, metadata = spectral.load_shifts(out / "spectral_shifts.safetensors")
     assert metadata["step"] == 2
 
@@ -286,10 +336,6 @@ def test_help_lists_every_flag():
     result = subprocess.run([sys.executable, "-m", "train.single", "--help"],
                             capture_output=True, text=True, check=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-    for flag in ("--model", "--instance-dir", "--instance-prompt", "--class-prompt", "--class-dir",
-                 "--num-class-images", "--prior-loss-weight", "--train-text-encoder", "--lr",
-                 "--lr-1d", "--steps", "--batch-size", "--resolution", "--seed",
-                 "--mixed-precision", "--gradient-checkpointing", "--cache-latents",
-                 "--validation-prompt", "--validation-every", "--save-every", "--resume",
-                 "--output-dir", "--full-finetune", "--svd-cache", "--device", "--eval-samples"):
-        assert flag in result.stdout, flag
+    assert result.stdout.startswith("usage: python -m train.single")
+    for field in dataclasses.fields(single.SingleConfig):
+        assert "--" + field.name.replace("_", "-") in result.stdout, field.name

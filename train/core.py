@@ -1,0 +1,294 @@
+"""What every trainer does around its loop: load the base, keep the books, save, resume, stop.
+
+A trainer (train/single.py) owns its batch, its loss and its loop; the rest is here:
+
+    model, fingerprint = load_model(config)              # --model, --tokenizer, --device, ...
+    config = resolve(config, model)                      # the trainer's: a new, complete value
+    trainable = METHODS[config.method](model, ...)       # train/trainable.py
+    with Run(config, model, trainable, fingerprint, metadata) as run:
+        for step in run.steps():                         # resumes; progress bar
+            loss = ...                                   # the trainer's batch and loss
+            run.step(step, loss, instance_loss=...)      # backward, clip, AdamW; log, save, grids
+        run.finish()                                     # loss.png, last grid, merge
+
+Files in --output-dir: the method's result (spectral_shifts.safetensors), checkpoint.pt (all
+--resume needs: trained tensors, optimizer, GradScaler, RNG, the config), log.csv, loss.png,
+samples/step-*.png. Both result files are written atomically every --save-every steps, so a
+kill at any moment loses at most the steps since the last save, and the same command plus
+--resume then ends with exactly the values of an uninterrupted run: every step draws all its
+randomness from `step_generator(seed, step)` (train/data.py).
+
+Exit codes (`main`): 0 done; 2 bad input, one line saying which; 1 the loss became NaN/inf
+(the last good save is kept and named); 130 interrupted by Ctrl-C (the last save is named).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import spectral
+from edit.grid import save_grid, to_pil
+from ldm import checkpoint
+from ldm.checkpoint import CheckpointError
+from train import config as run_config
+from train.data import DataError, save_atomically, warn
+from train.log import TrainingLog, plot_losses
+
+# Defaults that depend on the model. SD: the paper's lr (DreamBooth's for a full fine-tune),
+# the usual guidance, torch's threads. The bundled tiny model must learn a subject in a few
+# hundred CPU steps: on its 16000-step weights, train.single's 500 steps at lr 1e-2, batch 8,
+# with the text encoder's shifts trained too give 82% subject fidelity and 14% prior drift
+# (UNet only, batch 4: 82% / 34%; a full fine-tune at 5e-4, batch 4: 96% / 26%). Earlier
+# weights: lr 5e-3 gave 62% / 22% (12000 steps), lr 1e-3 only 23% fidelity after 200 steps
+# (8000). It was tuned for guidance 4, and its layers are too small to split over threads
+# (2 threads ran 7x slower than 1 on a busy 2-core machine).
+MODEL_DEFAULTS = {"sd": {"lr": 1e-3, "full_lr": 5e-6, "guidance": 7.5, "threads": None,
+                         "batch_size": 4, "train_text_encoder": False},
+                  "bundled": {"lr": 1e-2, "full_lr": 5e-4, "guidance": 4.0, "threads": 1,
+                              "batch_size": 8, "train_text_encoder": True}}
+
+
+class NonFiniteLoss(Exception):
+    """The loss overflowed: training stops, the files of the last save stay as they are."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C during training; the message names the last save."""
+
+
+# ----------------------------------------------------------------------------- the base model
+
+def is_bundled(config) -> bool:
+    return os.path.abspath(config.model) == os.path.abspath(checkpoint.DEFAULT_MODEL)
+
+
+def model_defaults(config) -> dict:
+    """The defaults of the flags left at None that depend on the model (MODEL_DEFAULTS)."""
+    defaults = dict(MODEL_DEFAULTS["bundled" if is_bundled(config) else "sd"])
+    full_lr = defaults.pop("full_lr")
+    if config.method == "full":
+        defaults.update(lr=full_lr, train_text_encoder=False)
+    return defaults
+
+
+def load_model(config):
+    """(the base model, its fingerprint: what shift files and checkpoints are bound to)."""
+    threads = config.threads or model_defaults(config)["threads"]
+    if threads:
+        torch.set_num_threads(threads)
+    model = checkpoint.load(config.model, tokenizer_dir=config.tokenizer,
+                            prediction_type=config.prediction_type, device=config.device)
+    from edit.shifts import fingerprint
+    return model, fingerprint(model)
+
+
+def check_resolution(model, resolution: int) -> None:
+    multiple = model.latent_factor * 2 ** (len(model.unet.config.channel_mult) - 1)
+    if resolution % multiple:
+        raise DataError(f"--resolution {resolution}: must be a multiple of {multiple} for this model")
+
+
+def vae_moments(model):
+    """pixels (B, 3, R, R) in [-1, 1] -> the mean and std of q(z | x), (B, 4, h, w) each."""
+    def encode(pixels):
+        with torch.no_grad():
+            posterior = model.vae.encode(pixels.to(model.device))
+        return posterior.mean, posterior.std
+    return encode
+
+
+def autocast(config, device: torch.device):
+    dtype = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
+    return torch.autocast(device.type, enabled=dtype is not None, dtype=dtype)
+
+
+def generate(model, prompts: list[str], seed: int, config) -> list:
+    """PIL images from the model as it is now (with whatever is attached), one per prompt."""
+    with autocast(config, model.device):
+        images = model.generate(prompts, steps=config.sample_steps, guidance=config.guidance,
+                                seed=seed, height=config.resolution, width=config.resolution,
+                                progress=False)
+    return to_pil(images)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def trained_parameters(model) -> dict[str, torch.Tensor]:
+    """{"unet.<name>" / "text.<name>": parameter} of whatever is being trained."""
+    return {f"{prefix}.{name}": p for prefix, module in (("unet", model.unet), ("text", model.text_encoder))
+            for name, p in module.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(path, step: int, model, optimizer, scaler, fingerprint: str, config) -> None:
+    """Everything a resumed run needs to continue exactly: the trained tensors, the optimizer's
+    moments, the GradScaler, the global RNG states, the base fingerprint and the config."""
+    state = {"step": step,
+             "parameters": {k: p.detach().cpu().clone() for k, p in trained_parameters(model).items()},
+             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+             "rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+             "base_fingerprint": fingerprint, "args": json.dumps(run_config.as_dict(config))}
+    save_atomically(lambda temporary: torch.save(state, temporary), path)
+
+
+def load_checkpoint(path: Path, model, optimizer, scaler, fingerprint: str, config) -> int:
+    """Restore a save_checkpoint file in place; returns its step. A missing file, or one from
+    another base model or another kind of run: DataError, one line."""
+    what = f"--resume: {path}"
+    if not path.exists():
+        raise DataError(f"{what}: no checkpoint there")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state["base_fingerprint"] != fingerprint:
+        raise DataError(f"{what} was trained on another base model (fingerprint "
+                        f"{state['base_fingerprint'][:12]}, this one {fingerprint[:12]})")
+    parameters = trained_parameters(model)
+    if state["parameters"].keys() != parameters.keys():
+        raise DataError(f"{what} holds other trained tensors than this run makes "
+                        "(another --train-text-encoder / --method setting?)")
+    with torch.no_grad():
+        for name, value in state["parameters"].items():
+            parameters[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    changed = run_config.changed_on_resume(config, json.loads(state["args"]))
+    if changed:
+        warn(f"--resume: {', '.join(changed)} differ from the checkpoint's; the result will not "
+             "equal an uninterrupted run")
+    return state["step"]
+
+
+# ----------------------------------------------------------------------------- the run
+
+class Run:
+    """The books of one training run: optimizer and GradScaler, resume, log.csv, saves, grids,
+    the progress bar. A context manager, so that Ctrl-C becomes `Interrupted` naming the last
+    save. `metadata` goes into the result file beside the base fingerprint, step and config."""
+
+    def __init__(self, config, model, trainable, fingerprint: str, metadata: dict,
+                 log_fields: tuple[str, ...], validation_prompts: list[str]):
+        self.config, self.model, self.trainable = config, model, trainable
+        self.fingerprint, self.metadata = fingerprint, metadata
+        self.validation_prompts = list(config.validation_prompt or validation_prompts)
+        self.out = Path(config.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        model.unet.gradient_checkpointing = config.gradient_checkpointing
+        model.unet.train()
+        groups = trainable.param_groups(config.lr, config.lr_1d)
+        self.parameters = [p for group in groups for p in group["params"]]
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=1e-2)  # decay pulls toward the base
+        self.scaler = torch.amp.GradScaler(model.device.type, enabled=config.mixed_precision == "fp16")
+        self.start = (load_checkpoint(self.out / "checkpoint.pt", model, self.optimizer, self.scaler,
+                                      fingerprint, config) if config.resume else 0)
+        self.saved = self.start  # the step of the files on disk
+        self.step_number = self.start
+        self.log = TrainingLog(self.out / "log.csv", ("step", *log_fields, "lr", "seconds"),
+                               resume_step=self.start if config.resume else None)
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is KeyboardInterrupt:
+            raise Interrupted(f"interrupted at step {self.step_number}; {self.last_save()}; "
+                              "continue with the same command and --resume") from None
+
+    def last_save(self) -> str:
+        if not self.saved:
+            return "nothing had been saved yet"
+        return f"the last save is step {self.saved} ({self.out / 'checkpoint.pt'})"
+
+    def steps(self):
+        """The steps still to do, 1-based, with a progress bar; step 0's grid on a fresh run."""
+        if self.start == 0:
+            print(f"samples before training: {self.sample_grid(0)}")
+        self.bar = tqdm(range(self.start + 1, self.config.steps + 1), initial=self.start,
+                        total=self.config.steps, desc="train")
+        for step in self.bar:
+            self.step_number, self.began = step, time.perf_counter()
+            yield step
+        self.bar.close()
+
+    def step(self, step: int, loss: torch.Tensor, **logged: torch.Tensor) -> None:
+        """One optimizer step on `loss` (gradients clipped to norm 1), then the books: a log.csv
+        row with `logged`, the saves and sample grids that are due."""
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"loss is {loss.item()} at step {step}: training stopped; "
+                                + self.last_save().replace("the last save", "the last good save"))
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.parameters, max_norm=1.0)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+        seconds = time.perf_counter() - self.began
+        self.bar.set_postfix(loss=f"{loss.item():.4f}", s_per_step=f"{seconds:.2f}")
+        self.log.append(step=step, loss=loss.item(), **{k: v.item() for k, v in logged.items()},
+                        lr=self.config.lr, seconds=round(seconds, 4))
+        if step % self.config.save_every == 0 or step == self.config.steps:
+            self.save(step)
+        if self.config.validation_every and step % self.config.validation_every == 0 \
+                and step != self.config.steps:
+            self.sample_grid(step)
+
+    def save(self, step: int) -> None:
+        """The result file (if the method has one) and checkpoint.pt, each written atomically."""
+        if self.trainable.result_name:
+            metadata = {"base_fingerprint": self.fingerprint,
+                        "base_model": os.path.basename(self.config.model), **self.metadata,
+                        "step": step, "training_args": run_config.as_dict(self.config)}
+            save_atomically(lambda path: self.trainable.save(path, metadata),
+                            self.out / self.trainable.result_name)
+        save_checkpoint(self.out / "checkpoint.pt", step, self.model, self.optimizer, self.scaler,
+                        self.fingerprint, self.config)
+        self.saved = step
+
+    def sample_grid(self, step: int, columns: int = 4) -> Path:
+        """samples/step-NNNNN.png: one row per validation prompt, `columns` seeds."""
+        path = self.out / "samples" / f"step-{step:05d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.model.unet.eval()
+        prompts = self.validation_prompts
+        images = [image for prompt in prompts
+                  for image in generate(self.model, [prompt] * columns, self.config.seed, self.config)]
+        save_grid(images, str(path), columns=columns, labels=[p for p in prompts for _ in range(columns)])
+        self.model.unet.train()
+        return path
+
+    def finish(self) -> None:
+        """loss.png, the last grid, the result's size, and the trained part merged into plain
+        weights (sampling afterwards at the base model's cost)."""
+        plot_losses(self.log.column("step"), self.log.column("loss"), self.out / "loss.png")
+        print(f"samples after training: {self.sample_grid(self.config.steps)}")
+        if self.trainable.result_name:
+            result = self.out / self.trainable.result_name
+            print(f"{result.stem.replace('_', ' ')}: {result} ({result.stat().st_size / 1024:.1f} KB)")
+        self.trainable.merge()
+
+
+# ----------------------------------------------------------------------------- the command
+
+def main(train, config) -> int:
+    """Train with a parsed config, and turn the ways a run ends into exit codes."""
+    try:
+        train(config)
+    except (DataError, CheckpointError, spectral.ShiftFileError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except Interrupted as error:
+        print(f"\n{error}", file=sys.stderr)
+        return 130
+    return 0
