@@ -1,11 +1,11 @@
 """Text to image with our Stable Diffusion stack: DDIM, classifier-free guidance, a PNG grid.
 
-    python -m edit.sample --prompt "a red star on the left" --n 4 --out grid.png
+    python -m edit.sample --prompt "a red star on the left" --num-images 4 --output grid.png
     python -m edit.sample --model sd-v1-5.safetensors --prompt "a photo of a cat" \\
-        --steps 25 --guidance 7.5 --size 512 --device cuda --out cats.png
-    python -m edit.sample --shift out/single/spectral_shifts.safetensors --prompt "a sks star"
+        --sample-steps 25 --guidance 7.5 --size 512 --device cuda --output cats.png
+    python -m edit.sample --shift runs/single/spectral_shifts.safetensors --prompt "a sks star"
 
-Every --prompt gets one row of --n images. Row i, column j starts from the noise of seed
+Every --prompt gets one row of --num-images images. Row i, column j starts from the noise of seed
 `--seed` image j, so each column shares its starting noise across prompts: a grid shows what
 the prompt changes and nothing else. The default model is the bundled toy model.
 
@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "once (WEIGHT default 1; 0.5 + 0.5 interpolates)")
     model.add_argument("--svd-cache", metavar="DIR",
                        help="where the base model's SVD is cached (default ~/.cache/svdiff/svd)")
-    model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
     model.add_argument("--dtype", choices=DTYPES,
                        help="default: float16 on CUDA, float32 on the CPU")
 
@@ -59,19 +60,23 @@ def build_parser() -> argparse.ArgumentParser:
                           help="text prompt; repeat for more rows")
     sampling.add_argument("--negative-prompt", default="",
                           help="the unconditional side of guidance (default: empty)")
-    sampling.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
+    sampling.add_argument("--sample-steps", type=int, default=25, metavar="N",
+                          help="DDIM steps (default 25)")
     sampling.add_argument("--guidance", type=float, default=7.5,
                           help="classifier-free guidance scale; 1 disables it (default 7.5)")
     sampling.add_argument("--eta", type=float, default=0.0,
                           help="DDIM noise: 0 deterministic, 1 DDPM-like (default 0)")
-    sampling.add_argument("--seed", type=int, default=0)
-    sampling.add_argument("--n", type=int, default=4, help="images per prompt (default 4)")
+    sampling.add_argument("--seed", type=int, default=0, metavar="N",
+                          help="seed of the starting noise of each column (default 0)")
+    sampling.add_argument("--num-images", type=int, default=4, metavar="N",
+                          help="images per prompt (default 4)")
     sampling.add_argument("--size", type=int,
                           help="image height and width in pixels (default: the model's, e.g. "
                                "512 for SD 1.x, 32 for the toy model)")
 
     output = parser.add_argument_group("output")
-    output.add_argument("--out", default="grid.png", help="PNG grid to write (default grid.png)")
+    output.add_argument("--output", default="grid.png", metavar="FILE",
+                        help="PNG grid to write (default grid.png)")
     output.add_argument("--plain", action="store_true", help="no captions under the images")
     output.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
@@ -79,19 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     """Bad values -> ValueError with a one-line message, before any model is loaded."""
-    if args.steps < 1 or args.steps > 999:
-        raise ValueError(f"--steps must be in 1..999, got {args.steps}")
-    if args.n < 1:
-        raise ValueError(f"--n must be at least 1, got {args.n}")
+    if args.sample_steps < 1 or args.sample_steps > 999:
+        raise ValueError(f"--sample-steps must be in 1..999, got {args.sample_steps}")
+    if args.num_images < 1:
+        raise ValueError(f"--num-images must be at least 1, got {args.num_images}")
     if args.eta < 0:
         raise ValueError(f"--eta must be >= 0, got {args.eta}")
     if args.size is not None and args.size < 8:
         raise ValueError(f"--size must be at least 8, got {args.size}")
-    if not args.out.lower().endswith(".png"):
-        raise ValueError(f"--out must name a .png file, got {args.out}")
-    folder = os.path.dirname(os.path.abspath(args.out))
+    if not args.output.lower().endswith(".png"):
+        raise ValueError(f"--output must name a .png file, got {args.output}")
+    folder = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(folder):
-        raise ValueError(f"--out: no such folder {folder}")
+        raise ValueError(f"--output: no such folder {folder}")
     usable_device(args.device)
 
 
@@ -110,13 +115,13 @@ def run(args: argparse.Namespace) -> str:
         model.to(dtype=dtype)
     images, labels = [], []
     for prompt in args.prompt:
-        images.append(model.generate([prompt] * args.n, negative_prompt=args.negative_prompt,
-                                     steps=args.steps, guidance=args.guidance, eta=args.eta,
+        images.append(model.generate([prompt] * args.num_images, negative_prompt=args.negative_prompt,
+                                     steps=args.sample_steps, guidance=args.guidance, eta=args.eta,
                                      seed=args.seed, height=args.size, width=args.size,
                                      progress=not args.quiet).cpu())
-        labels += [prompt] * args.n
-    save_grid(torch.cat(images), args.out, columns=args.n, labels=None if args.plain else labels)
-    return args.out
+        labels += [prompt] * args.num_images
+    save_grid(torch.cat(images), args.output, columns=args.num_images, labels=None if args.plain else labels)
+    return args.output
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {path} ({len(args.prompt)} x {args.n} images, "
+    print(f"wrote {path} ({len(args.prompt)} x {args.num_images} images, "
           f"{time.perf_counter() - start:.1f} s)")
     return 0
 

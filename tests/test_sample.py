@@ -66,8 +66,8 @@ def test_cli_writes_grid_of_the_right_size(saved, tmp_path):
     out = tmp_path / "grid.png"
     result = subprocess.run(
         [sys.executable, "-m", "edit.sample", "--model", str(folder / "tiny.safetensors"),
-         "--prompt", "a red star", "--prompt", "a photo of a cat", "--n", "3", "--steps", "2",
-         "--seed", "3", "--out", str(out), "--plain", "--quiet"],
+         "--prompt", "a red star", "--prompt", "a photo of a cat", "--num-images", "3", "--sample-steps", "2",
+         "--seed", "3", "--output", str(out), "--plain", "--quiet"],
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     grid = np.asarray(Image.open(out))
@@ -84,7 +84,7 @@ def test_cli_captions(saved, tmp_path):
     _, folder = saved
     out = tmp_path / "captioned.png"
     assert sample.main(["--model", str(folder / "tiny.safetensors"), "--prompt", "a red star",
-                        "--n", "2", "--steps", "1", "--out", str(out), "--quiet"]) == 0
+                        "--num-images", "2", "--sample-steps", "1", "--output", str(out), "--quiet"]) == 0
     width, height = Image.open(out).size
     assert width == 2 * (128 + 2) + 2 and height > 128 + 2  # tiles enlarged x4, caption below
 
@@ -94,17 +94,17 @@ def test_cli_bad_inputs(saved, tmp_path, capsys):
     model = str(folder / "tiny.safetensors")
     cases = {
         "no such file": ["--model", str(tmp_path / "none.ckpt"), "--prompt", "x"],
-        "--steps must be": ["--model", model, "--prompt", "x", "--steps", "0"],
-        "--n must be": ["--model", model, "--prompt", "x", "--n", "0"],
-        "multiple of": ["--model", model, "--prompt", "x", "--size", "34", "--steps", "1"],
-        "no such folder": ["--model", model, "--prompt", "x", "--out", str(tmp_path / "a/b.png")],
-        ".png": ["--model", model, "--prompt", "x", "--out", str(tmp_path / "grid.jpg")],
+        "--sample-steps must be": ["--model", model, "--prompt", "x", "--sample-steps", "0"],
+        "--num-images must be": ["--model", model, "--prompt", "x", "--num-images", "0"],
+        "multiple of": ["--model", model, "--prompt", "x", "--size", "34", "--sample-steps", "1"],
+        "no such folder": ["--model", model, "--prompt", "x", "--output", str(tmp_path / "a/b.png")],
+        ".png": ["--model", model, "--prompt", "x", "--output", str(tmp_path / "grid.jpg")],
         "not a checkpoint": ["--model", str(folder / "tokenizer" / "vocab.json"), "--prompt", "x"],
         "--device: unknown device 'gpu0'": ["--model", model, "--prompt", "x", "--device", "gpu0"],
     }
     for message, argv in cases.items():
-        if "--out" not in argv:
-            argv = argv + ["--out", str(tmp_path / "g.png")]
+        if "--output" not in argv:
+            argv = argv + ["--output", str(tmp_path / "g.png")]
         assert sample.main(argv + ["--quiet"]) == 2, message
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
@@ -114,8 +114,8 @@ def test_cli_help():
     result = subprocess.run([sys.executable, "-m", "edit.sample", "--help"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
-    for option in ("--model", "--prompt", "--negative-prompt", "--steps", "--guidance", "--eta",
-                   "--seed", "--n", "--size", "--out", "--tokenizer", "--prediction-type"):
+    for option in ("--model", "--prompt", "--negative-prompt", "--sample-steps", "--guidance", "--eta",
+                   "--seed", "--num-images", "--size", "--output", "--tokenizer", "--prediction-type"):
         assert option in result.stdout
 
 
