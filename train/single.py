@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
       "4 on the bundled tiny model (what it was tuned for)")
     a("--eval-samples", type=int, default=50, help="with the example subject: samples per prompt "
       "for the final subject-fidelity / prior-drift measurement (the toy world's reader, "
-      "train.evaluate); 0 skips it")
+      "train.toy.reader); 0 skips it")
     a("--save-every", type=int, default=50, help="write the shift file and checkpoint every N steps")
     a("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt, with the "
       "same arguments; the result equals an uninterrupted run")
@@ -150,7 +150,7 @@ def resolve_prompts(args):
 def instance_images(args):
     if args.instance_dir is None:  # render the example subject, so the same reading path is used
         from PIL import Image
-        from train.toyworld import subject_images
+        from train.toy.world import subject_images
         args.instance_dir = str(Path(args.output_dir) / "instance-images")
         os.makedirs(args.instance_dir, exist_ok=True)
         for i, pixels in enumerate(subject_images(EXAMPLE_SUBJECT, n=5, seed=0)[0]):
@@ -275,7 +275,7 @@ def measure_example_subject(model, args):
     """Subject fidelity (share of instance-prompt samples showing the subject) and prior drift
     (share of class-prompt samples showing it), as read by the toy world's image reader.
     Prompts cycle through the positions the toy captions know, to test more than one layout."""
-    from train import evaluate
+    from train.toy import reader as evaluate
     places = ("", " on the left", " in the center", " on the right")
     reader = evaluate.load_reader()
     shares = []

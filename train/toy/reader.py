@@ -1,6 +1,6 @@
 """Read generated toy-world images: which shape, color, pattern and position each shows.
 
-The reader is a small CNN trained only on toy-world renders (train/toyworld.py), subjects
+The reader is a small CNN trained only on toy-world renders (train/world.py), subjects
 included, with noise, blur and color jitter so that it also reads imperfect generated images.
 It looks at three slots (left, center, right) and says, per slot:
 
@@ -16,9 +16,9 @@ From the readings:
     subject fidelity = share of "a sks star" samples that show the subject (pattern == subject)
     prior drift      = share of "a star" samples that show the subject
 
-    python -m train.evaluate                          # the bundled model, quality-bar table
-    python -m train.evaluate --model PATH --samples 100 --steps 25 --guidance 4
-    python -m train.evaluate --train-reader           # retrain weights/evaluator.safetensors
+    python -m train.toy.reader                          # the bundled model, quality-bar table
+    python -m train.toy.reader --model PATH --samples 100 --steps 25 --guidance 4
+    python -m train.toy.reader --train-reader           # retrain weights/evaluator.safetensors
 """
 import argparse
 import os
@@ -30,15 +30,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from train import toyworld
+from train.toy import world
 
-SLOTS = toyworld.POSITIONS                       # ("left", "center", "right")
-SHAPES = ("none",) + toyworld.SHAPES
-COLORS = tuple(toyworld.COLORS)
-PATTERNS = toyworld.PATTERNS
+SLOTS = world.POSITIONS                       # ("left", "center", "right")
+SHAPES = ("none",) + world.SHAPES
+COLORS = tuple(world.COLORS)
+PATTERNS = world.PATTERNS
 HEADS = (len(SHAPES), len(COLORS), len(PATTERNS))
-READER_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "weights", "evaluator.safetensors")
+# beside the bundled model, in <repository>/weights/ (this file is <repository>/train/toy/reader.py)
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+READER_PATH = os.path.join(REPOSITORY, "weights", "evaluator.safetensors")
 
 
 class Reader(nn.Module):
@@ -77,9 +78,9 @@ def labels(scene):
 
 def reader_data(n, seed):
     """n renders with subjects among the objects: (images float (n, 3, 32, 32), labels (n, 3, 3))."""
-    scenes = [toyworld.sample_scene(toyworld.scene_rng(seed, i), subjects=tuple(toyworld.SUBJECTS))
+    scenes = [world.sample_scene(world.scene_rng(seed, i), subjects=tuple(world.SUBJECTS))
               for i in range(n)]
-    images = np.stack([toyworld.render(s) for s in scenes])
+    images = np.stack([world.render(s) for s in scenes])
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
     return x, torch.stack([labels(s) for s in scenes])
 
@@ -124,7 +125,7 @@ def train_reader(n=16000, epochs=8, batch=128, seed=1234, path=READER_PATH):
         bar.set_postfix(loss=f"{loss.item():.4f}")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     save_file({k: v.contiguous() for k, v in reader.state_dict().items()}, path,
-              {"trained_on": f"toyworld.sample_scene seed {seed}, n {n}, epochs {epochs}"})
+              {"trained_on": f"world.sample_scene seed {seed}, n {n}, epochs {epochs}"})
     return reader.eval()
 
 
@@ -160,15 +161,15 @@ def read(images, reader=None):
 def parse(prompt):
     """Toy prompt -> the objects it asks for: [{"position" or None, "shape", "color" or None,
     "pattern" or None}] (None: not specified)."""
-    tokens = {s.token: name for name, s in toyworld.SUBJECTS.items()}
+    tokens = {s.token: name for name, s in world.SUBJECTS.items()}
     wanted = []
     for part in prompt.split(" and "):
         words = part.split()
         obj = dict(position=None, shape=None, color=None, pattern=None)
         for w in words:
-            if w in toyworld.SHAPES:
+            if w in world.SHAPES:
                 obj["shape"] = w
-            elif w in toyworld.COLORS:
+            elif w in world.COLORS:
                 obj["color"], obj["pattern"] = w, "plain"
             elif w in tokens:
                 obj["pattern"] = tokens[w]
@@ -247,13 +248,13 @@ def prompt_sets(n, seed=0):
     """The standard prompt sets, n prompts each: single objects (every color x shape in turn),
     single objects with a position, two objects with positions (random, seeded)."""
     rng = np.random.default_rng(seed)
-    combos = [(c, s) for s in toyworld.SHAPES for c in toyworld.COLORS]
+    combos = [(c, s) for s in world.SHAPES for c in world.COLORS]
 
     def phrase(c, s):
-        return toyworld.Object(s, "center", 0, 0, 0, color=c).phrase()
+        return world.Object(s, "center", 0, 0, 0, color=c).phrase()
 
     single = [phrase(*combos[i % len(combos)]) for i in range(n)]
-    placed = [f"{phrase(*combos[rng.integers(len(combos))])} {toyworld.POSITION_PHRASE[SLOTS[i % 3]]}"
+    placed = [f"{phrase(*combos[rng.integers(len(combos))])} {world.POSITION_PHRASE[SLOTS[i % 3]]}"
               for i in range(n)]
     two = []
     for _ in range(n):

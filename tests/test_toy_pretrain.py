@@ -1,4 +1,4 @@
-"""train.pretrain at an even smaller width: a few steps write a checkpoint that loads through
+"""train.toy.pretrain at an even smaller width: a few steps write a checkpoint that loads through
 the same path as a real SD file; resuming continues exactly. And the bundled weights load and
 sample."""
 import os
@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from ldm.checkpoint import DEFAULT_MODEL, load
-from train.pretrain import PretrainConfig, pretrain
+from train.toy.pretrain import PretrainConfig, pretrain
 
 TINY = dict(num_images=64, vae_ch=32, vae_ch_mult=(1, 2), vae_res_blocks=1, vae_steps=2,
             vae_batch=4, model_channels=32, channel_mult=(1, 2), attention_resolutions=(2,),

@@ -2,28 +2,28 @@
 evaluator's reader, an independent model trained on other renders), subjects as specified."""
 import numpy as np
 
-from train import toyworld
-from train.evaluate import accuracy, read
+from train.toy import world
+from train.toy.reader import accuracy, read
 
 
 def test_deterministic_for_a_seed():
-    a, scenes_a = toyworld.dataset(24, seed=3)
-    b, scenes_b = toyworld.dataset(24, seed=3)
-    c, _ = toyworld.dataset(24, seed=4)
+    a, scenes_a = world.dataset(24, seed=3)
+    b, scenes_b = world.dataset(24, seed=3)
+    c, _ = world.dataset(24, seed=4)
     assert a.shape == (24, 32, 32, 3) and a.dtype == np.uint8
     assert np.array_equal(a, b) and [s.caption for s in scenes_a] == [s.caption for s in scenes_b]
     assert not np.array_equal(a, c)
     # scene i depends on (seed, i) only: a slice re-renders exactly
-    d, _ = toyworld.dataset(4, seed=3, start=10)
+    d, _ = world.dataset(4, seed=3, start=10)
     assert np.array_equal(a[10:14], d)
-    s1, c1 = toyworld.subject_images("striped_star", 5, seed=0)
-    s2, c2 = toyworld.subject_images("striped_star", 5, seed=0)
+    s1, c1 = world.subject_images("striped_star", 5, seed=0)
+    s2, c2 = world.subject_images("striped_star", 5, seed=0)
     assert np.array_equal(s1, s2) and c1 == c2
 
 
 def test_captions_follow_the_grammar():
-    _, scenes = toyworld.dataset(300, seed=5)
-    words = set(toyworld.vocabulary())
+    _, scenes = world.dataset(300, seed=5)
+    words = set(world.vocabulary())
     for s in scenes:
         assert set(s.caption.split()) <= words
         assert len(s.caption.split(" and ")) == len(s.objects)
@@ -36,31 +36,31 @@ def test_captions_follow_the_grammar():
 
 
 def test_subjects():
-    classes = [s.shape for s in toyworld.SUBJECTS.values()]
+    classes = [s.shape for s in world.SUBJECTS.values()]
     assert any(classes.count(c) >= 2 for c in classes)           # two of one class: Cut-Mix-Unmix
-    tokens = {s.token for s in toyworld.SUBJECTS.values()}
-    assert tokens <= set(toyworld.RESERVED_TOKENS)
-    for name, subject in toyworld.SUBJECTS.items():
-        images, captions = toyworld.subject_images(name, 6)
+    tokens = {s.token for s in world.SUBJECTS.values()}
+    assert tokens <= set(world.RESERVED_TOKENS)
+    for name, subject in world.SUBJECTS.items():
+        images, captions = world.subject_images(name, 6)
         assert images.shape == (6, 32, 32, 3)
         assert all(c.startswith(f"a {subject.token} {subject.shape}") for c in captions)
         assert len({im.tobytes() for im in images}) == 6                  # varied renders
         assert len({c.split(subject.shape)[1] for c in captions}) == 3      # left, center, right
         # two colors of its pattern are both present
         for color in subject.colors:
-            target = np.array(toyworld.rgb(color))
+            target = np.array(world.rgb(color))
             assert (np.abs(images.astype(int) - target).sum(-1) < 30).any()
 
 
 def test_captions_match_the_drawn_scene():
     """The evaluator reads clean renders (a seed no model was trained on) as their captions say."""
-    images, scenes = toyworld.dataset(300, seed=20240)
+    images, scenes = world.dataset(300, seed=20240)
     acc = accuracy([s.caption for s in scenes], read(images))
     assert acc["all"] >= 0.95, acc
     rng = np.random.default_rng(0)
-    names = list(toyworld.SUBJECTS)
-    scenes = [toyworld.subject_scene(names[i % len(names)], rng) for i in range(100)]
-    acc = accuracy([s.caption for s in scenes], read(np.stack([toyworld.render(s) for s in scenes])))
+    names = list(world.SUBJECTS)
+    scenes = [world.subject_scene(names[i % len(names)], rng) for i in range(100)]
+    acc = accuracy([s.caption for s in scenes], read(np.stack([world.render(s) for s in scenes])))
     assert acc["all"] >= 0.95, acc
 
 
@@ -72,17 +72,17 @@ def test_tokenizer_round_trips_the_vocabulary(tmp_path):
 
     from transformers import CLIPTokenizer
 
-    from train.tokenizer import build
+    from train.toy.tokenizer import build
 
     vocab = build(str(tmp_path))
     tokenizer = CLIPTokenizer.from_pretrained(str(tmp_path))
     assert len(tokenizer) == len(vocab)
     assert tokenizer.bos_token_id == len(vocab) - 2 and tokenizer.eos_token_id == len(vocab) - 1
-    for word in toyworld.vocabulary():
+    for word in world.vocabulary():
         ids = tokenizer(word, add_special_tokens=False).input_ids
         assert ids == [vocab[word + "</w>"]], word
         assert tokenizer.decode(ids).strip() == word
-    for token in toyworld.RESERVED_TOKENS:
+    for token in world.RESERVED_TOKENS:
         assert len(tokenizer(token, add_special_tokens=False).input_ids) == 1
     caption = "a red star on the left and an orange circle on the right"
     ids = tokenizer(caption).input_ids

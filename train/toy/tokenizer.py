@@ -11,14 +11,14 @@ merge the most frequent adjacent symbol pair (ties: smallest pair) until every w
 symbol, so each toy word, and each reserved token (sks, zwx, ...), is one token "word</w>".
 Any other text still tokenizes, into byte symbols, as CLIP's does for rare words.
 
-    python -m train.tokenizer --out weights/tokenizer
+    python -m train.toy.tokenizer --out weights/tokenizer
 """
 import argparse
 import json
 import os
 from collections import Counter
 
-from train.toyworld import vocabulary
+from train.toy.world import vocabulary
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 

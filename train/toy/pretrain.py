@@ -1,11 +1,11 @@
-"""Pretrain the bundled tiny Stable Diffusion on the toy world (train/toyworld.py).
+"""Pretrain the bundled tiny Stable Diffusion on the toy world (train/world.py).
 
-    python -m train.pretrain                  # writes weights/toy-sd.safetensors + weights/tokenizer/
-    python -m train.pretrain --resume         # continue an interrupted run from runs/pretrain/
+    python -m train.toy.pretrain                  # writes weights/toy-sd.safetensors + weights/tokenizer/
+    python -m train.toy.pretrain --resume         # continue an interrupted run from runs/pretrain/
 
 Three stages, all with our ldm/ classes at tiny width, fp32, on CPU:
 
-1. Tokenizer: CLIP-format BPE over the toy vocabulary (train/tokenizer.py).
+1. Tokenizer: CLIP-format BPE over the toy vocabulary (train/toy/tokenizer.py).
 2. VAE (AutoencoderKL, f = 2: 32x32x3 -> 16x16x4). Loss per image, as in CompVis' first stage
    without its LPIPS and GAN terms:  sum |x - D(z)| + kl_weight * KL(q(z|x) || N(0, I)),
    z ~ q(z|x). Its training images carry random two-color patterns besides flat fills: the VAE
@@ -46,9 +46,9 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from train import toyworld
+from train.toy import world
 from train.data import save_atomically
-from train.tokenizer import build as build_tokenizer
+from train.toy.tokenizer import build as build_tokenizer
 
 
 @dataclass
@@ -105,7 +105,7 @@ SAMPLE_PROMPTS = [
 
 def build_vae(config):
     from ldm.vae import AutoencoderKL, VAEConfig
-    return AutoencoderKL(VAEConfig(resolution=toyworld.SIZE, ch=config.vae_ch,
+    return AutoencoderKL(VAEConfig(resolution=world.SIZE, ch=config.vae_ch,
                                    ch_mult=config.vae_ch_mult, num_res_blocks=config.vae_res_blocks))
 
 
@@ -176,7 +176,7 @@ def step_generator(seed, stage, step):
 # ---------------------------------------------------------------- stage 2: VAE
 
 def train_vae(config, vae, state, work):
-    images = to_tensor(toyworld.texture_dataset(config.num_images // 2, config.seed + 1))
+    images = to_tensor(world.texture_dataset(config.num_images // 2, config.seed + 1))
     if "vae_step" not in state:
         # start almost deterministic, std(z | x) = e^-5: with the initial std of 1 the decoder
         # sees mostly noise and learns the mean image for hundreds of steps; the tiny KL weight
@@ -224,7 +224,7 @@ def encode_dataset(config, vae, work):
     path = os.path.join(work, "latents.pt")
     if os.path.exists(path):
         return torch.load(path, weights_only=True)
-    images, scenes = toyworld.dataset(config.num_images, config.seed)
+    images, scenes = world.dataset(config.num_images, config.seed)
     images = to_tensor(images)
     means, stds = [], []
     with torch.no_grad():
@@ -292,15 +292,15 @@ def bundle(vae, unet, text):
     from ldm.schedule import NoiseSchedule
     return StableDiffusion(
         unet=unet, vae=vae, text_encoder=text, schedule=NoiseSchedule(), family="sd1",
-        prediction_type="epsilon", source="train.pretrain", image_size=toyworld.SIZE,
-        decided_by={"family": "written by train.pretrain (SD 1 layout, CLIPTextModel)",
+        prediction_type="epsilon", source="train.toy.pretrain", image_size=world.SIZE,
+        decided_by={"family": "written by train.toy.pretrain (SD 1 layout, CLIPTextModel)",
                     "prediction_type": "trained with the epsilon target"})
 
 
 def sample_grid(config, unet, text, schedule, work, step):
     """Two samples per SAMPLE_PROMPTS entry (columns), EMA weights, PNG in work/samples/."""
     from edit.grid import save_grid
-    from train.evaluate import generate
+    from train.toy.reader import generate
     images = generate(bundle(sample_grid.vae, unet, text), SAMPLE_PROMPTS * 2,
                       steps=config.sample_steps, guidance=config.guidance, seed=config.seed)
     os.makedirs(os.path.join(work, "samples"), exist_ok=True)
@@ -316,7 +316,7 @@ def export(config, vae, unet, text, tokenizer_dir, work):
     from ldm.checkpoint import save_single_file
     model = bundle(vae, unet, text)
     path = os.path.join(config.out_dir, "toy-sd.safetensors")
-    save_single_file(path, model, extra_metadata={"train.pretrain": json.dumps(dataclasses.asdict(config))})
+    save_single_file(path, model, extra_metadata={"train.toy.pretrain": json.dumps(dataclasses.asdict(config))})
     shutil.copyfile(os.path.join(work, "log.csv"), os.path.join(config.out_dir, "pretrain_log.csv"))
     print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB) and {tokenizer_dir}/")
     return path
