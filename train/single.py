@@ -47,10 +47,8 @@ from ldm.checkpoint import CheckpointError
 from ldm.model import usable_device
 from train import data
 from train.data import DataError
+from train.toy import subjects  # the example subject on the bundled tiny model: no --instance-dir
 
-# the example subject on the bundled tiny model: defaults when no --instance-dir is given
-EXAMPLE_SUBJECT = "striped_star"
-EXAMPLE_PROMPTS = ("a sks star", "a star")
 # defaults that depend on the model. SD: the paper's lr (DreamBooth's for a full fine-tune),
 # the usual guidance, torch's threads. The bundled tiny model must learn the subject in a few
 # hundred CPU steps: on its 16000-step weights, 500 steps at lr 1e-2, batch 8, with the text
@@ -133,8 +131,8 @@ def resolve_prompts(args):
     the prior loss keeps the class prompt's meaning, so the instance prompt must be the class
     prompt plus the identifier ("a sks star" / "a star"), or there is nothing to preserve."""
     if args.instance_dir is None:
-        args.instance_prompt = args.instance_prompt or EXAMPLE_PROMPTS[0]
-        args.class_prompt = args.class_prompt or EXAMPLE_PROMPTS[1]
+        args.instance_prompt = args.instance_prompt or subjects.EXAMPLE.instance_prompt
+        args.class_prompt = args.class_prompt or subjects.EXAMPLE.class_prompt
     elif not args.instance_prompt or (not args.class_prompt and args.prior_loss_weight > 0):
         raise DataError("--instance-dir needs --instance-prompt (e.g. 'a photo of sks dog') "
                         "and --class-prompt (e.g. 'a photo of dog')")
@@ -149,12 +147,8 @@ def resolve_prompts(args):
 
 def instance_images(args):
     if args.instance_dir is None:  # render the example subject, so the same reading path is used
-        from PIL import Image
-        from train.toy.world import subject_images
-        args.instance_dir = str(Path(args.output_dir) / "instance-images")
-        os.makedirs(args.instance_dir, exist_ok=True)
-        for i, pixels in enumerate(subject_images(EXAMPLE_SUBJECT, n=5, seed=0)[0]):
-            Image.fromarray(pixels).save(Path(args.instance_dir) / f"{EXAMPLE_SUBJECT}-{i}.png")
+        args.instance_dir = subjects.write_instance_images(
+            subjects.EXAMPLE.subject, str(Path(args.output_dir) / "instance-images"))
     return data.read_images(args.instance_dir)
 
 
@@ -271,23 +265,6 @@ class NonFiniteLoss(Exception):
     """The loss overflowed: training stops, the files of the last save stay as they are."""
 
 
-def measure_example_subject(model, args):
-    """Subject fidelity (share of instance-prompt samples showing the subject) and prior drift
-    (share of class-prompt samples showing it), as read by the toy world's image reader.
-    Prompts cycle through the positions the toy captions know, to test more than one layout."""
-    from train.toy import reader as evaluate
-    places = ("", " on the left", " in the center", " on the right")
-    reader = evaluate.load_reader()
-    shares = []
-    for prompt, share in ((args.instance_prompt, evaluate.subject_fidelity),
-                          (args.class_prompt, evaluate.prior_drift)):
-        prompts = [prompt + places[i % len(places)] for i in range(args.eval_samples)]
-        images = evaluate.generate(model, prompts, steps=args.sample_steps,
-                                   guidance=args.guidance, seed=args.seed + 1)
-        shares.append(share(evaluate.read(images, reader), EXAMPLE_SUBJECT))
-    return shares
-
-
 def load_base(args):
     """The base model, its fingerprint, and the defaults that depend on it."""
     bundled = os.path.abspath(args.model) == os.path.abspath(checkpoint.DEFAULT_MODEL)
@@ -399,7 +376,9 @@ def train(args):
         for module in (model.unet, model.text_encoder):
             spectral.merge(module)  # W_delta written into plain weights: sampling at base cost
     if args.eval_samples and example and bundled:
-        fidelity, drift = measure_example_subject(model, args)
+        fidelity, drift = subjects.measure(model, subjects.EXAMPLE.subject, args.instance_prompt,
+                                           args.class_prompt, args.eval_samples, args.sample_steps,
+                                           args.guidance, seed=args.seed + 1)
         print(f"subject fidelity {fidelity:.0%} ('{args.instance_prompt}' shows the subject), "
               f"prior drift {drift:.0%} ('{args.class_prompt}' shows it), "
               f"{args.eval_samples} samples each")
