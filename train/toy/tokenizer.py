@@ -18,22 +18,10 @@ import json
 import os
 from collections import Counter
 
+from ldm.text import byte_symbols  # CLIP's byte -> symbol table, in its vocabulary order
 from train.toy.world import vocabulary
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-
-
-def byte_symbols():
-    """CLIP/GPT-2 byte -> printable unicode symbol map, in CLIP's vocabulary order."""
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("\u00a1"), ord("\u00ac") + 1))
-                 + list(range(ord("\u00ae"), ord("\u00ff") + 1)))
-    codes, extra = printable[:], 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            codes.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in codes]
 
 
 def learn_merges(words):
