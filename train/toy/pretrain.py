@@ -47,7 +47,7 @@ import torch
 from tqdm import tqdm
 
 from train.toy import world
-from train.data import save_atomically
+from train.data import save_atomically, step_generator, to_tensor
 from train.toy.tokenizer import build as build_tokenizer
 
 
@@ -129,16 +129,6 @@ def build_unet_and_text(config, tokenizer_dir):
     return unet, text
 
 
-def to_tensor(images):
-    """uint8 (n, H, W, 3) -> float (n, 3, H, W) in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
-def to_uint8(x):
-    """float (n, 3, H, W) in about [-1, 1] -> uint8 (n, H, W, 3)."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
 def lr_at(step, total, base, warmup):
     """Linear warmup, then cosine decay to 10% of base."""
     if step < warmup:
@@ -169,14 +159,13 @@ def log_row(path, row):
         writer.writerow(row)
 
 
-def step_generator(seed, stage, step):
-    return torch.Generator().manual_seed(seed * 1_000_003 + stage * 100_000 + step)
-
-
 # ---------------------------------------------------------------- stage 2: VAE
 
 def train_vae(config, vae, state, work):
-    images = to_tensor(world.texture_dataset(config.num_images // 2, config.seed + 1))
+    # channels last, the pixels' own memory order: the layout the bundled weights were trained
+    # on, and convolutions round differently on another (so does every result after them)
+    images = to_tensor(world.texture_dataset(config.num_images // 2, config.seed + 1),
+                       memory_format=torch.channels_last)
     if "vae_step" not in state:
         # start almost deterministic, std(z | x) = e^-5: with the initial std of 1 the decoder
         # sees mostly noise and learns the mean image for hundreds of steps; the tiny KL weight
@@ -190,7 +179,7 @@ def train_vae(config, vae, state, work):
     bar = tqdm(range(start, config.vae_steps), initial=start, total=config.vae_steps, desc="vae")
     for step in bar:
         t0 = time.time()
-        g = step_generator(config.seed, 1, step)
+        g = step_generator(config.seed, step, stream=1)
         x = images[torch.randint(len(images), (config.vae_batch,), generator=g)]
         for group in opt.param_groups:
             group["lr"] = lr_at(step, config.vae_steps, config.vae_lr, 50)
@@ -225,7 +214,7 @@ def encode_dataset(config, vae, work):
     if os.path.exists(path):
         return torch.load(path, weights_only=True)
     images, scenes = world.dataset(config.num_images, config.seed)
-    images = to_tensor(images)
+    images = to_tensor(images, memory_format=torch.channels_last)   # as in train_vae
     means, stds = [], []
     with torch.no_grad():
         for i in tqdm(range(0, len(images), 256), desc="encode"):
@@ -256,7 +245,7 @@ def train_unet(config, unet, text, scale_factor, data, state, work):
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="unet+text")
     for step in bar:
         t0 = time.time()
-        g = step_generator(config.seed, 2, step)
+        g = step_generator(config.seed, step, stream=2)
         index = torch.randint(len(token_ids), (config.batch,), generator=g)
         z = data["mean"][index] + data["std"][index] * torch.randn(data["mean"][index].shape, generator=g)
         z = scale_factor * z

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from train.data import to_tensor
 from train.toy import world
 
 SLOTS = world.POSITIONS                       # ("left", "center", "right")
@@ -81,7 +82,9 @@ def reader_data(n, seed):
     scenes = [world.sample_scene(world.scene_rng(seed, i), subjects=tuple(world.SUBJECTS))
               for i in range(n)]
     images = np.stack([world.render(s) for s in scenes])
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    # channels last: the layout the bundled reader was trained and is run on (convolutions
+    # round differently on another)
+    x = to_tensor(images, memory_format=torch.channels_last)
     return x, torch.stack([labels(s) for s in scenes])
 
 
@@ -143,7 +146,7 @@ def read(images, reader=None):
     """uint8 (n, 32, 32, 3) -> per image a list of objects, left to right:
     [{"position", "shape", "color", "pattern"}]; color is None for a subject."""
     reader = reader or load_reader()
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = to_tensor(images, memory_format=torch.channels_last)    # as in reader_data
     shape, color, pattern = (l.argmax(-1) for l in reader(x))
     out = []
     for i in range(len(images)):
