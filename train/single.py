@@ -169,12 +169,6 @@ def autocast_kwargs(args):
 
 # ----------------------------------------------------------------------------- the method
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """All randomness of step `step` (images, crops, flips, t, noise) comes from this stream,
-    so any step can be replayed exactly: the basis of an exact --resume."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
-
-
 def diffusion_loss(model, latents, context, t, noise):
     """Per-sample ||out_theta(z_t | c, t) - target||^2, averaged over latent elements: (B,).
     latents, noise: (B, 4, h, w); context: (B, 77, D); t: (B,) long; target eps or v."""
@@ -335,7 +329,7 @@ def train(args):
     for step in bar:
         began = time.perf_counter()
         # the batch: B subject images, then B prior images; t and noise per image
-        generator = step_generator(args.seed, step)
+        generator = data.step_generator(args.seed, step)
         latents = torch.cat([images.latents(args.batch_size, generator, encode,
                                             model.vae.config.scale_factor) for images in image_sets])
         t = torch.randint(0, model.schedule.num_train_timesteps, (len(latents),), generator=generator)
