@@ -1,6 +1,6 @@
 """Read generated toy-world images: which shape, color, pattern and position each shows.
 
-The reader is a small CNN trained only on toy-world renders (train/world.py), subjects
+The reader is a small CNN trained only on toy-world renders (train/toy/world.py), subjects
 included, with noise, blur and color jitter so that it also reads imperfect generated images.
 It looks at three slots (left, center, right) and says, per slot:
 
@@ -17,7 +17,7 @@ From the readings:
     prior drift      = share of "a star" samples that show the subject
 
     python -m train.toy.reader                          # the bundled model, quality-bar table
-    python -m train.toy.reader --model PATH --samples 100 --steps 25 --guidance 4
+    python -m train.toy.reader --model PATH --eval-samples 100 --sample-steps 25 --guidance 4
     python -m train.toy.reader --train-reader           # retrain weights/evaluator.safetensors
 """
 import argparse
@@ -30,17 +30,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ldm.checkpoint import DEFAULT_MODEL
 from train.data import to_tensor
 from train.toy import world
 
-SLOTS = world.POSITIONS                       # ("left", "center", "right")
+SLOTS = world.POSITIONS                          # ("left", "center", "right")
 SHAPES = ("none",) + world.SHAPES
 COLORS = tuple(world.COLORS)
 PATTERNS = world.PATTERNS
 HEADS = (len(SHAPES), len(COLORS), len(PATTERNS))
-# beside the bundled model, in <repository>/weights/ (this file is <repository>/train/toy/reader.py)
-REPOSITORY = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-READER_PATH = os.path.join(REPOSITORY, "weights", "evaluator.safetensors")
+READER_PATH = os.path.join(os.path.dirname(DEFAULT_MODEL), "evaluator.safetensors")  # in weights/
 
 
 class Reader(nn.Module):
@@ -106,7 +105,7 @@ def loss_fn(logits, y):
                for k, l in enumerate(logits))
 
 
-def train_reader(n=16000, epochs=8, batch=128, seed=1234, path=READER_PATH):
+def train_reader(n=16000, epochs=8, batch_size=128, seed=1234, path=READER_PATH):
     """Train the reader on renders (dataset seed distinct from pretraining's) and save it."""
     from safetensors.torch import save_file
     from tqdm import tqdm
@@ -115,11 +114,11 @@ def train_reader(n=16000, epochs=8, batch=128, seed=1234, path=READER_PATH):
     reader = Reader()
     opt = torch.optim.AdamW(reader.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(seed)
-    steps = epochs * (n // batch)
+    steps = epochs * (n // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
     bar = tqdm(range(steps), desc="reader")
     for step in bar:
-        index = torch.randint(n, (batch,), generator=g)
+        index = torch.randint(n, (batch_size,), generator=g)
         loss = loss_fn(reader(augment(x[index], g)), y[index])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -128,7 +127,7 @@ def train_reader(n=16000, epochs=8, batch=128, seed=1234, path=READER_PATH):
         bar.set_postfix(loss=f"{loss.item():.4f}")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     save_file({k: v.contiguous() for k, v in reader.state_dict().items()}, path,
-              {"trained_on": f"world.sample_scene seed {seed}, n {n}, epochs {epochs}"})
+              {"trained_on": f"train.toy.world.sample_scene seed {seed}, n {n}, epochs {epochs}"})
     return reader.eval()
 
 
@@ -269,25 +268,27 @@ def prompt_sets(n, seed=0):
 BAR = {"single": 0.8, "two objects": 0.5}
 
 
-def quality_bar(model, samples=100, steps=25, guidance=4.0, seed=0, out_dir=None, reader=None):
-    """Generate the prompt sets, read the images, print and return the table."""
+def quality_bar(model, eval_samples=100, sample_steps=25, guidance=4.0, seed=0, output_dir=None,
+                reader=None):
+    """Generate the prompt sets (eval_samples prompts each), read the images, print and return
+    the table; with output_dir, also a grid of each set's first 40 samples there."""
     reader = reader or load_reader()
     table = {}
-    for name, prompts in prompt_sets(samples, seed).items():
-        images = generate(model, prompts, steps, guidance, seed)
+    for name, prompts in prompt_sets(eval_samples, seed).items():
+        images = generate(model, prompts, sample_steps, guidance, seed)
         table[name] = accuracy(prompts, read(images, reader))
-        if out_dir:
+        if output_dir:
             from edit.grid import save_grid
-            os.makedirs(out_dir, exist_ok=True)
+            os.makedirs(output_dir, exist_ok=True)
             save_grid(images[:40],
-                      os.path.join(out_dir, name.replace(", ", "_").replace(" ", "_") + ".png"),
+                      os.path.join(output_dir, name.replace(", ", "_").replace(" ", "_") + ".png"),
                       columns=10, padding=4, scale=4)
-    print(format_table(table, samples, steps, guidance))
+    print(format_table(table, eval_samples, sample_steps, guidance))
     return table
 
 
-def format_table(table, samples, steps, guidance):
-    lines = [f"quality bar ({samples} samples per set, {steps} DDIM steps, guidance {guidance})",
+def format_table(table, eval_samples, sample_steps, guidance):
+    lines = [f"quality bar ({eval_samples} samples per set, {sample_steps} DDIM steps, guidance {guidance})",
              f"{'prompt set':<16} {'all right':>9} {'bar':>5}  per attribute"]
     for name, acc in table.items():
         bar = f"{BAR[name]:.0%}" if name in BAR else "-"
@@ -297,18 +298,25 @@ def format_table(table, samples, steps, guidance):
     return "\n".join(lines)
 
 
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m train.toy.reader", description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = parser.add_argument
+    a("--model", default=DEFAULT_MODEL, help="checkpoint: single file or diffusers folder")
+    a("--tokenizer", help="tokenizer folder; None: the model's own, beside or in it")
+    a("--eval-samples", type=int, default=100, help="samples (and prompts) per prompt set")
+    a("--sample-steps", type=int, default=25, help="DDIM steps per sample")
+    a("--guidance", type=float, default=4.0, help="classifier-free guidance scale")
+    a("--seed", type=int, default=0, help="seeds the random prompt sets and the samples")
+    a("--output-dir", help="folder for each prompt set's sample grid (its first 40); None: no grids")
+    a("--train-reader", action="store_true",
+      help=f"instead: train the image reader on renders and save it to {READER_PATH}")
+    return parser
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=None, help="checkpoint (default: the bundled tiny model)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer dir (default: beside the model)")
-    parser.add_argument("--samples", type=int, default=100, help="samples per prompt set")
-    parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
-    parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out-dir", default=None, help="write sample grids here")
-    parser.add_argument("--train-reader", action="store_true",
-                        help=f"train the image reader on renders and save it to {READER_PATH}")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.train_reader:
         t0 = time.time()
         reader = train_reader()
@@ -316,9 +324,9 @@ def main(argv=None):
         print(f"reader trained in {time.time() - t0:.0f} s; on 2000 held-out clean renders:",
               reader_accuracy(reader, x, y))
         return
-    from ldm.checkpoint import DEFAULT_MODEL, load
-    model = load(args.model or DEFAULT_MODEL, tokenizer_dir=args.tokenizer)
-    quality_bar(model, args.samples, args.steps, args.guidance, args.seed, args.out_dir)
+    from ldm.checkpoint import load
+    model = load(args.model, tokenizer_dir=args.tokenizer)
+    quality_bar(model, args.eval_samples, args.sample_steps, args.guidance, args.seed, args.output_dir)
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ merge the most frequent adjacent symbol pair (ties: smallest pair) until every w
 symbol, so each toy word, and each reserved token (sks, zwx, ...), is one token "word</w>".
 Any other text still tokenizes, into byte symbols, as CLIP's does for rare words.
 
-    python -m train.toy.tokenizer --out weights/tokenizer
+    python -m train.toy.tokenizer --output-dir weights/tokenizer
 """
 import argparse
 import json
@@ -46,24 +46,36 @@ def learn_merges(words):
             segmented[w] = tuple(out)
 
 
-def build(out_dir, words=None):
-    """Write vocab.json and merges.txt into out_dir; returns the vocabulary (token -> id)."""
+def build(output_dir, words=None):
+    """Write vocab.json and merges.txt into output_dir (made if missing) for `words` (default:
+    the toy vocabulary); returns the vocabulary (token -> id)."""
     merges = learn_merges(words or vocabulary())
     symbols = byte_symbols()
     tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [BOS, EOS]
     vocab = {t: i for i, t in enumerate(tokens)}
     assert len(vocab) == len(tokens), "a merge produced an existing symbol"
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "vocab.json"), "w", encoding="utf-8") as f:
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "vocab.json"), "w", encoding="utf-8") as f:
         json.dump(vocab, f, ensure_ascii=False)
-    with open(os.path.join(out_dir, "merges.txt"), "w", encoding="utf-8") as f:
+    with open(os.path.join(output_dir, "merges.txt"), "w", encoding="utf-8") as f:
         f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     return vocab
 
 
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m train.toy.tokenizer", description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--output-dir", default="weights/tokenizer",
+                        help="folder for vocab.json and merges.txt")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    vocab = build(args.output_dir)
+    print(f"wrote {args.output_dir}: {len(vocab)} tokens, {len(vocabulary())} toy words")
+
+
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="weights/tokenizer")
-    args = parser.parse_args()
-    vocab = build(args.out)
-    print(f"wrote {args.out}: {len(vocab)} tokens, {len(vocabulary())} toy words")
+    main()
