@@ -62,36 +62,3 @@ def test_captions_match_the_drawn_scene():
     scenes = [world.subject_scene(names[i % len(names)], rng) for i in range(100)]
     acc = accuracy([s.caption for s in scenes], read(np.stack([world.render(s) for s in scenes])))
     assert acc["all"] >= 0.95, acc
-
-
-def test_tokenizer_round_trips_the_vocabulary(tmp_path):
-    """transformers' CLIPTokenizer loads the generated files; each toy word and reserved token
-    is exactly one token "word</w>" and decodes back; CLIP's special-token layout holds."""
-    import json
-    import os
-
-    from transformers import CLIPTokenizer
-
-    from train.toy.tokenizer import build
-
-    vocab = build(str(tmp_path))
-    tokenizer = CLIPTokenizer.from_pretrained(str(tmp_path))
-    assert len(tokenizer) == len(vocab)
-    assert tokenizer.bos_token_id == len(vocab) - 2 and tokenizer.eos_token_id == len(vocab) - 1
-    for word in world.vocabulary():
-        ids = tokenizer(word, add_special_tokens=False).input_ids
-        assert ids == [vocab[word + "</w>"]], word
-        assert tokenizer.decode(ids).strip() == word
-    for token in world.RESERVED_TOKENS:
-        assert len(tokenizer(token, add_special_tokens=False).input_ids) == 1
-    caption = "a red star on the left and an orange circle on the right"
-    ids = tokenizer(caption).input_ids
-    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
-    assert len(ids) == len(caption.split()) + 2
-    assert tokenizer.decode(ids, skip_special_tokens=True).strip() == caption
-    # words outside the vocabulary still tokenize (into byte symbols), as CLIP's rare words do
-    assert len(tokenizer("dog", add_special_tokens=False).input_ids) > 1
-    # the bundled tokenizer is this one
-    bundled = os.path.join(os.path.dirname(__file__), "..", "weights", "tokenizer", "vocab.json")
-    with open(bundled) as f:
-        assert json.load(f) == vocab
