@@ -312,7 +312,8 @@ def export(config, vae, unet, text, tokenizer_dir, work):
     from ldm.checkpoint import save_single_file
     model = bundle(vae, unet, text)
     path = os.path.join(config.output_dir, "toy-sd.safetensors")
-    save_single_file(path, model, extra_metadata={"train.toy.pretrain": json.dumps(dataclasses.asdict(config))})
+    settings = json.dumps(dataclasses.asdict(config))
+    save_single_file(path, model, extra_metadata={"train.toy.pretrain": settings})
     shutil.copyfile(os.path.join(work, "log.csv"), os.path.join(config.output_dir, "pretrain_log.csv"))
     print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB) and {tokenizer_dir}/")
     return path

@@ -235,12 +235,12 @@ def prior_drift(readings, subject):
 
 # ---------------------------------------------------------------- the quality bar
 
-def generate(model, prompts, steps=25, guidance=4.0, seed=0, batch=50):
+def generate(model, prompts, steps=25, guidance=4.0, seed=0, batch_size=50):
     """uint8 (n, H, W, 3) samples of a StableDiffusion, one per prompt, seeded."""
     generator = torch.Generator().manual_seed(seed)
     images = []
-    for i in range(0, len(prompts), batch):
-        x = model.generate(prompts[i:i + batch], steps=steps, guidance=guidance,
+    for i in range(0, len(prompts), batch_size):
+        x = model.generate(prompts[i:i + batch_size], steps=steps, guidance=guidance,
                            generator=generator, progress=False)
         images.append((x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
     return np.concatenate(images)
