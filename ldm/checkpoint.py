@@ -375,7 +375,7 @@ def load(path: str = DEFAULT_MODEL, tokenizer_dir: str | None = None,
     path = os.fspath(path)
     if path == DEFAULT_MODEL and not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file (the bundled toy model; python -m "
-                              "train.pretrain builds it)")
+                              "train.toy.pretrain builds it)")
     meta = torch.device(device).type == "meta"
     folder = is_diffusers_folder(path)
     parts = _diffusers_parts(path, meta) if folder else _single_file_parts(path, meta)

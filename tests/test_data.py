@@ -126,3 +126,29 @@ def test_class_images_are_generated_once_and_reused(tmp_path):
     assert not list(tmp_path.glob(".*tmp"))
     with pytest.raises(DataError, match="holds images for the class prompt 'a star'"):
         ensure_class_images(tmp_path, 3, "a dog", generate, 2, 10, False)
+
+
+# --- the helpers shared with train.toy ---------------------------------------------------------
+
+def test_to_tensor_of_an_image_and_of_a_batch():
+    """One function for a PIL image and a uint8 batch, with the values and layouts each caller
+    had before it was shared (the toy pretraining's layout decides its rounding)."""
+    from train.data import to_tensor
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 6, 7, 3), dtype=np.uint8)
+    one = to_tensor(Image.fromarray(pixels[0]))
+    assert one.shape == (3, 6, 7) and one.is_contiguous()
+    assert torch.equal(one, torch.from_numpy(pixels[0].astype(np.float32) / 127.5 - 1).permute(2, 0, 1))
+    ends = to_tensor(np.array([[[0, 255, 0]]], dtype=np.uint8))      # one pixel: (1, 1, 3)
+    assert ends.shape == (3, 1, 1) and ends.flatten().tolist() == [-1.0, 1.0, -1.0]
+    batch = to_tensor(pixels, memory_format=torch.channels_last)
+    before = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1   # pretrain's old formula
+    assert torch.equal(batch, before) and batch.stride() == before.stride()
+    assert torch.equal(to_tensor(pixels)[0], one) and to_tensor(pixels).is_contiguous()
+
+
+def test_step_generator_streams():
+    from train.data import step_generator
+    assert step_generator(3, 7).initial_seed() == 3 * 1_000_003 + 7
+    assert step_generator(3, 7, stream=2).initial_seed() == 3 * 1_000_003 + 2 * 100_000 + 7
+    first = torch.rand(4, generator=step_generator(0, 5, stream=1))
+    assert torch.equal(first, torch.rand(4, generator=step_generator(0, 5, stream=1)))

@@ -33,9 +33,10 @@ class DataError(Exception):
 
 
 def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
-    """All randomness of step `step` of a run (images, crops, flips, t, noise) comes from this
-    stream, so any step can be replayed exactly: the basis of an exact --resume. `stream`
-    separates the stages of one run (train.toy.pretrain's VAE and UNet)."""
+    """All randomness of step `step` (images, crops, flips, t, noise) comes from this generator,
+    so any step can be replayed exactly: the basis of an exact --resume. Runs with several
+    stages (train.toy.pretrain) give each its own `stream`; streams stay apart for < 100,000
+    steps, seeds for < 10 streams (seed * 1_000_003 + stream * 100_000 + step)."""
     return torch.Generator().manual_seed(seed * 1_000_003 + stream * 100_000 + step)
 
 
@@ -102,10 +103,15 @@ def resize_short_side(image: Image.Image, resolution: int) -> Image.Image:
     return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=None)
 
 
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """PIL RGB -> (3, H, W) float in [-1, 1], the range the VAE encodes."""
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+def to_tensor(pixels, memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """uint8 RGB pixels (..., H, W, 3) -> float (..., 3, H, W) in [-1, 1], the range the VAE
+    encodes. `pixels`: a PIL RGB image (H, W, 3) or any array-like, e.g. uint8 (n, H, W, 3).
+
+    `memory_format=torch.channels_last` (batches only) keeps the pixels' own order in memory:
+    convolutions round differently on it, so a run made with it (train.toy.pretrain) replays
+    bit for bit only with it."""
+    array = np.asarray(pixels, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).movedim(-1, -3).contiguous(memory_format=memory_format)
 
 
 # -------------------------------------------------------------------------------------------

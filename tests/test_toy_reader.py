@@ -2,8 +2,8 @@
 reader against renders with known labels (seeds it was not trained on)."""
 import numpy as np
 
-from train import toyworld
-from train.evaluate import (accuracy, load_reader, parse, prior_drift, prompt_sets, read,
+from train.toy import world
+from train.toy.reader import (accuracy, load_reader, parse, prior_drift, prompt_sets, read,
                             reader_accuracy, reader_data, subject_fidelity)
 
 
@@ -41,10 +41,10 @@ def test_reader_on_clean_renders():
 
 def test_fidelity_and_drift_on_renders():
     rng = np.random.default_rng(1)
-    subject = toyworld.SUBJECTS["striped_star"]
-    shown = np.stack([toyworld.render(toyworld.subject_scene("striped_star", rng)) for _ in range(60)])
-    plain = np.stack([toyworld.render(toyworld.sample_scene(rng, p_two=0.0)) for _ in range(60)])
-    other = np.stack([toyworld.render(toyworld.subject_scene("checker_star", rng)) for _ in range(60)])
+    subject = world.SUBJECTS["striped_star"]
+    shown = np.stack([world.render(world.subject_scene("striped_star", rng)) for _ in range(60)])
+    plain = np.stack([world.render(world.sample_scene(rng, p_two=0.0)) for _ in range(60)])
+    other = np.stack([world.render(world.subject_scene("checker_star", rng)) for _ in range(60)])
     assert subject_fidelity(read(shown), subject.name) >= 0.95
     assert prior_drift(read(plain), subject.name) <= 0.05
     assert prior_drift(read(other), subject.name) <= 0.05          # the other star is not it
@@ -53,6 +53,6 @@ def test_fidelity_and_drift_on_renders():
 def test_prompt_sets():
     sets = prompt_sets(100)
     assert all(len(p) == 100 for p in sets.values())
-    words = set(toyworld.vocabulary())
+    words = set(world.vocabulary())
     assert all(set(p.split()) <= words for ps in sets.values() for p in ps)
-    assert len(set(sets["single"])) == len(toyworld.SHAPES) * len(toyworld.COLORS)
+    assert len(set(sets["single"])) == len(world.SHAPES) * len(world.COLORS)

@@ -1,6 +1,6 @@
 """Read generated toy-world images: which shape, color, pattern and position each shows.
 
-The reader is a small CNN trained only on toy-world renders (train/toyworld.py), subjects
+The reader is a small CNN trained only on toy-world renders (train/toy/world.py), subjects
 included, with noise, blur and color jitter so that it also reads imperfect generated images.
 It looks at three slots (left, center, right) and says, per slot:
 
@@ -16,9 +16,9 @@ From the readings:
     subject fidelity = share of "a sks star" samples that show the subject (pattern == subject)
     prior drift      = share of "a star" samples that show the subject
 
-    python -m train.evaluate                          # the bundled model, quality-bar table
-    python -m train.evaluate --model PATH --samples 100 --steps 25 --guidance 4
-    python -m train.evaluate --train-reader           # retrain weights/evaluator.safetensors
+    python -m train.toy.reader                          # the bundled model, quality-bar table
+    python -m train.toy.reader --model PATH --eval-samples 100 --sample-steps 25 --guidance 4
+    python -m train.toy.reader --train-reader           # retrain weights/evaluator.safetensors
 """
 import argparse
 import os
@@ -30,15 +30,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from train import toyworld
+from ldm.checkpoint import DEFAULT_MODEL
+from train.data import to_tensor
+from train.toy import world
 
-SLOTS = toyworld.POSITIONS                       # ("left", "center", "right")
-SHAPES = ("none",) + toyworld.SHAPES
-COLORS = tuple(toyworld.COLORS)
-PATTERNS = toyworld.PATTERNS
+SLOTS = world.POSITIONS                          # ("left", "center", "right")
+SHAPES = ("none",) + world.SHAPES
+COLORS = tuple(world.COLORS)
+PATTERNS = world.PATTERNS
 HEADS = (len(SHAPES), len(COLORS), len(PATTERNS))
-READER_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "weights", "evaluator.safetensors")
+READER_PATH = os.path.join(os.path.dirname(DEFAULT_MODEL), "evaluator.safetensors")  # in weights/
 
 
 class Reader(nn.Module):
@@ -77,10 +78,12 @@ def labels(scene):
 
 def reader_data(n, seed):
     """n renders with subjects among the objects: (images float (n, 3, 32, 32), labels (n, 3, 3))."""
-    scenes = [toyworld.sample_scene(toyworld.scene_rng(seed, i), subjects=tuple(toyworld.SUBJECTS))
+    scenes = [world.sample_scene(world.scene_rng(seed, i), subjects=tuple(world.SUBJECTS))
               for i in range(n)]
-    images = np.stack([toyworld.render(s) for s in scenes])
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    images = np.stack([world.render(s) for s in scenes])
+    # channels last: the layout the bundled reader was trained and is run on (convolutions
+    # round differently on another)
+    x = to_tensor(images, memory_format=torch.channels_last)
     return x, torch.stack([labels(s) for s in scenes])
 
 
@@ -102,7 +105,7 @@ def loss_fn(logits, y):
                for k, l in enumerate(logits))
 
 
-def train_reader(n=16000, epochs=8, batch=128, seed=1234, path=READER_PATH):
+def train_reader(n=16000, epochs=8, batch_size=128, seed=1234, path=READER_PATH):
     """Train the reader on renders (dataset seed distinct from pretraining's) and save it."""
     from safetensors.torch import save_file
     from tqdm import tqdm
@@ -111,11 +114,11 @@ def train_reader(n=16000, epochs=8, batch=128, seed=1234, path=READER_PATH):
     reader = Reader()
     opt = torch.optim.AdamW(reader.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(seed)
-    steps = epochs * (n // batch)
+    steps = epochs * (n // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
     bar = tqdm(range(steps), desc="reader")
     for step in bar:
-        index = torch.randint(n, (batch,), generator=g)
+        index = torch.randint(n, (batch_size,), generator=g)
         loss = loss_fn(reader(augment(x[index], g)), y[index])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -124,7 +127,7 @@ def train_reader(n=16000, epochs=8, batch=128, seed=1234, path=READER_PATH):
         bar.set_postfix(loss=f"{loss.item():.4f}")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     save_file({k: v.contiguous() for k, v in reader.state_dict().items()}, path,
-              {"trained_on": f"toyworld.sample_scene seed {seed}, n {n}, epochs {epochs}"})
+              {"trained_on": f"train.toy.world.sample_scene seed {seed}, n {n}, epochs {epochs}"})
     return reader.eval()
 
 
@@ -142,7 +145,7 @@ def read(images, reader=None):
     """uint8 (n, 32, 32, 3) -> per image a list of objects, left to right:
     [{"position", "shape", "color", "pattern"}]; color is None for a subject."""
     reader = reader or load_reader()
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = to_tensor(images, memory_format=torch.channels_last)    # as in reader_data
     shape, color, pattern = (l.argmax(-1) for l in reader(x))
     out = []
     for i in range(len(images)):
@@ -160,15 +163,15 @@ def read(images, reader=None):
 def parse(prompt):
     """Toy prompt -> the objects it asks for: [{"position" or None, "shape", "color" or None,
     "pattern" or None}] (None: not specified)."""
-    tokens = {s.token: name for name, s in toyworld.SUBJECTS.items()}
+    tokens = {s.token: name for name, s in world.SUBJECTS.items()}
     wanted = []
     for part in prompt.split(" and "):
         words = part.split()
         obj = dict(position=None, shape=None, color=None, pattern=None)
         for w in words:
-            if w in toyworld.SHAPES:
+            if w in world.SHAPES:
                 obj["shape"] = w
-            elif w in toyworld.COLORS:
+            elif w in world.COLORS:
                 obj["color"], obj["pattern"] = w, "plain"
             elif w in tokens:
                 obj["pattern"] = tokens[w]
@@ -232,12 +235,12 @@ def prior_drift(readings, subject):
 
 # ---------------------------------------------------------------- the quality bar
 
-def generate(model, prompts, steps=25, guidance=4.0, seed=0, batch=50):
+def generate(model, prompts, steps=25, guidance=4.0, seed=0, batch_size=50):
     """uint8 (n, H, W, 3) samples of a StableDiffusion, one per prompt, seeded."""
     generator = torch.Generator().manual_seed(seed)
     images = []
-    for i in range(0, len(prompts), batch):
-        x = model.generate(prompts[i:i + batch], steps=steps, guidance=guidance,
+    for i in range(0, len(prompts), batch_size):
+        x = model.generate(prompts[i:i + batch_size], steps=steps, guidance=guidance,
                            generator=generator, progress=False)
         images.append((x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
     return np.concatenate(images)
@@ -247,13 +250,13 @@ def prompt_sets(n, seed=0):
     """The standard prompt sets, n prompts each: single objects (every color x shape in turn),
     single objects with a position, two objects with positions (random, seeded)."""
     rng = np.random.default_rng(seed)
-    combos = [(c, s) for s in toyworld.SHAPES for c in toyworld.COLORS]
+    combos = [(c, s) for s in world.SHAPES for c in world.COLORS]
 
     def phrase(c, s):
-        return toyworld.Object(s, "center", 0, 0, 0, color=c).phrase()
+        return world.Object(s, "center", 0, 0, 0, color=c).phrase()
 
     single = [phrase(*combos[i % len(combos)]) for i in range(n)]
-    placed = [f"{phrase(*combos[rng.integers(len(combos))])} {toyworld.POSITION_PHRASE[SLOTS[i % 3]]}"
+    placed = [f"{phrase(*combos[rng.integers(len(combos))])} {world.POSITION_PHRASE[SLOTS[i % 3]]}"
               for i in range(n)]
     two = []
     for _ in range(n):
@@ -265,25 +268,27 @@ def prompt_sets(n, seed=0):
 BAR = {"single": 0.8, "two objects": 0.5}
 
 
-def quality_bar(model, samples=100, steps=25, guidance=4.0, seed=0, out_dir=None, reader=None):
-    """Generate the prompt sets, read the images, print and return the table."""
+def quality_bar(model, eval_samples=100, sample_steps=25, guidance=4.0, seed=0, output_dir=None,
+                reader=None):
+    """Generate the prompt sets (eval_samples prompts each), read the images, print and return
+    the table; with output_dir, also a grid of each set's first 40 samples there."""
     reader = reader or load_reader()
     table = {}
-    for name, prompts in prompt_sets(samples, seed).items():
-        images = generate(model, prompts, steps, guidance, seed)
+    for name, prompts in prompt_sets(eval_samples, seed).items():
+        images = generate(model, prompts, sample_steps, guidance, seed)
         table[name] = accuracy(prompts, read(images, reader))
-        if out_dir:
+        if output_dir:
             from edit.grid import save_grid
-            os.makedirs(out_dir, exist_ok=True)
+            os.makedirs(output_dir, exist_ok=True)
             save_grid(images[:40],
-                      os.path.join(out_dir, name.replace(", ", "_").replace(" ", "_") + ".png"),
+                      os.path.join(output_dir, name.replace(", ", "_").replace(" ", "_") + ".png"),
                       columns=10, padding=4, scale=4)
-    print(format_table(table, samples, steps, guidance))
+    print(format_table(table, eval_samples, sample_steps, guidance))
     return table
 
 
-def format_table(table, samples, steps, guidance):
-    lines = [f"quality bar ({samples} samples per set, {steps} DDIM steps, guidance {guidance})",
+def format_table(table, eval_samples, sample_steps, guidance):
+    lines = [f"quality bar ({eval_samples} samples per set, {sample_steps} DDIM steps, guidance {guidance})",
              f"{'prompt set':<16} {'all right':>9} {'bar':>5}  per attribute"]
     for name, acc in table.items():
         bar = f"{BAR[name]:.0%}" if name in BAR else "-"
@@ -293,18 +298,25 @@ def format_table(table, samples, steps, guidance):
     return "\n".join(lines)
 
 
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m train.toy.reader", description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = parser.add_argument
+    a("--model", default=DEFAULT_MODEL, help="checkpoint: single file or diffusers folder")
+    a("--tokenizer", help="tokenizer folder; None: the model's own, beside or in it")
+    a("--eval-samples", type=int, default=100, help="samples (and prompts) per prompt set")
+    a("--sample-steps", type=int, default=25, help="DDIM steps per sample")
+    a("--guidance", type=float, default=4.0, help="classifier-free guidance scale")
+    a("--seed", type=int, default=0, help="seeds the random prompt sets and the samples")
+    a("--output-dir", help="folder for each prompt set's sample grid (its first 40); None: no grids")
+    a("--train-reader", action="store_true",
+      help=f"instead: train the image reader on renders and save it to {READER_PATH}")
+    return parser
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=None, help="checkpoint (default: the bundled tiny model)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer dir (default: beside the model)")
-    parser.add_argument("--samples", type=int, default=100, help="samples per prompt set")
-    parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
-    parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out-dir", default=None, help="write sample grids here")
-    parser.add_argument("--train-reader", action="store_true",
-                        help=f"train the image reader on renders and save it to {READER_PATH}")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.train_reader:
         t0 = time.time()
         reader = train_reader()
@@ -312,9 +324,9 @@ def main(argv=None):
         print(f"reader trained in {time.time() - t0:.0f} s; on 2000 held-out clean renders:",
               reader_accuracy(reader, x, y))
         return
-    from ldm.checkpoint import DEFAULT_MODEL, load
-    model = load(args.model or DEFAULT_MODEL, tokenizer_dir=args.tokenizer)
-    quality_bar(model, args.samples, args.steps, args.guidance, args.seed, args.out_dir)
+    from ldm.checkpoint import load
+    model = load(args.model, tokenizer_dir=args.tokenizer)
+    quality_bar(model, args.eval_samples, args.sample_steps, args.guidance, args.seed, args.output_dir)
 
 
 @torch.no_grad()

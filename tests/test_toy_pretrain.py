@@ -1,4 +1,4 @@
-"""train.pretrain at an even smaller width: a few steps write a checkpoint that loads through
+"""train.toy.pretrain at an even smaller width: a few steps write a checkpoint that loads through
 the same path as a real SD file; resuming continues exactly. And the bundled weights load and
 sample."""
 import os
@@ -8,16 +8,16 @@ import torch
 from safetensors.torch import load_file
 
 from ldm.checkpoint import DEFAULT_MODEL, load
-from train.pretrain import PretrainConfig, pretrain
+from train.toy.pretrain import PretrainConfig, pretrain
 
 TINY = dict(num_images=64, vae_ch=32, vae_ch_mult=(1, 2), vae_res_blocks=1, vae_steps=2,
-            vae_batch=4, model_channels=32, channel_mult=(1, 2), attention_resolutions=(2,),
+            vae_batch_size=4, model_channels=32, channel_mult=(1, 2), attention_resolutions=(2,),
             num_res_blocks=1, num_heads=2, text_width=32, text_layers=1, text_heads=2,
-            batch=4, save_every=1, sample_every=1000, sample_steps=2, threads=1)
+            batch_size=4, save_every=1, sample_every=1000, sample_steps=2, threads=1)
 
 
 def run(tmp_path, name, steps, resume=False):
-    config = PretrainConfig(out_dir=str(tmp_path / name), work_dir=str(tmp_path / name / "work"),
+    config = PretrainConfig(output_dir=str(tmp_path / name), work_dir=str(tmp_path / name / "work"),
                             steps=steps, **TINY)
     return pretrain(config, resume=resume)
 

@@ -1,11 +1,11 @@
-"""Pretrain the bundled tiny Stable Diffusion on the toy world (train/toyworld.py).
+"""Pretrain the bundled tiny Stable Diffusion on the toy world (train/toy/world.py).
 
-    python -m train.pretrain                  # writes weights/toy-sd.safetensors + weights/tokenizer/
-    python -m train.pretrain --resume         # continue an interrupted run from runs/pretrain/
+    python -m train.toy.pretrain                  # writes weights/toy-sd.safetensors + weights/tokenizer/
+    python -m train.toy.pretrain --resume         # continue an interrupted run from runs/pretrain/
 
 Three stages, all with our ldm/ classes at tiny width, fp32, on CPU:
 
-1. Tokenizer: CLIP-format BPE over the toy vocabulary (train/tokenizer.py).
+1. Tokenizer: CLIP-format BPE over the toy vocabulary (train/toy/tokenizer.py).
 2. VAE (AutoencoderKL, f = 2: 32x32x3 -> 16x16x4). Loss per image, as in CompVis' first stage
    without its LPIPS and GAN terms:  sum |x - D(z)| + kl_weight * KL(q(z|x) || N(0, I)),
    z ~ q(z|x). Its training images carry random two-color patterns besides flat fills: the VAE
@@ -41,56 +41,63 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
 
-from train import toyworld
-from train.data import save_atomically
-from train.tokenizer import build as build_tokenizer
+from train.toy import world
+from train.data import save_atomically, step_generator, to_tensor
+from train.toy.tokenizer import build as build_tokenizer
+
+
+def option(default, help):
+    """A config field and the help of its flag (argparse appends the default)."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class PretrainConfig:
-    out_dir: str = "weights"            # toy-sd.safetensors, tokenizer/, pretrain_log.csv
-    work_dir: str = "runs/pretrain"     # resumable state, log, sample grids
-    seed: int = 0
-    num_images: int = 30000             # distinct captioned scenes (dataset seed = seed)
+    """Every setting of a run; each field is also a flag (vae_ch_mult: --vae-ch-mult 2,2)."""
+    output_dir: str = option("weights", "where toy-sd.safetensors, tokenizer/ and pretrain_log.csv go")
+    work_dir: str = option("runs/pretrain", "resumable state, loss log and sample grids")
+    seed: int = option(0, "seeds the datasets, the initialization and every step's draws")
+    num_images: int = option(30000, "distinct captioned scenes (dataset seed = --seed)")
     # VAE
-    vae_ch: int = 32
+    vae_ch: int = option(32, "VAE base width")
     # the full-resolution level is 64 wide: GroupNorm has 32 groups (SD's), and with one channel
     # per group it is an instance norm right before conv_out, which erases a flat image's
     # absolute color (measured: a (1, 2) VAE renders every object brown); two per group keep it
-    vae_ch_mult: tuple[int, ...] = (2, 2)
-    vae_res_blocks: int = 1
-    vae_steps: int = 2000
-    vae_batch: int = 16
-    vae_lr: float = 1e-3
-    kl_weight: float = 1e-6
+    vae_ch_mult: tuple[int, ...] = option((2, 2), "VAE width multiplier per level")
+    vae_res_blocks: int = option(1, "VAE res blocks per level")
+    vae_steps: int = option(2000, "VAE optimizer steps")
+    vae_batch_size: int = option(16, "images per VAE step")
+    vae_lr: float = option(1e-3, "VAE learning rate (warmup, then cosine decay to 10%%)")
+    kl_weight: float = option(1e-6, "weight of the VAE's KL term")
     # UNet (SD 1 layout: conv proj_in/out, num_heads, no attention at the finest level)
-    model_channels: int = 32
-    channel_mult: tuple[int, ...] = (2, 2, 2)   # 64 wide at the output norm, as for the VAE
-    attention_resolutions: tuple[int, ...] = (2, 4)
-    num_res_blocks: int = 1
-    num_heads: int = 4
+    model_channels: int = option(32, "UNet base width")
+    channel_mult: tuple[int, ...] = option(   # 64 wide at the output norm, as for the VAE
+        (2, 2, 2), "UNet width multiplier per level")
+    attention_resolutions: tuple[int, ...] = option((2, 4), "UNet downsampling factors with attention")
+    num_res_blocks: int = option(1, "UNet res blocks per level")
+    num_heads: int = option(4, "UNet attention heads")
     # text encoder (CLIPTextModel, quick_gelu like SD 1's CLIP ViT-L/14)
-    text_width: int = 64
-    text_layers: int = 2
-    text_heads: int = 2
+    text_width: int = option(64, "text encoder width (the UNet's context_dim)")
+    text_layers: int = option(2, "text encoder layers")
+    text_heads: int = option(2, "text encoder attention heads")
     # UNet + text training
-    steps: int = 16000
-    batch: int = 32
-    lr: float = 6e-4
-    warmup: int = 200
-    p_uncond: float = 0.1
-    ema: float = 0.999
+    steps: int = option(16000, "UNet + text encoder steps; with --resume, more than before continues")
+    batch_size: int = option(32, "captioned images per UNet step")
+    lr: float = option(6e-4, "UNet + text encoder learning rate (constant after the warmup)")
+    warmup: int = option(200, "UNet steps of linear learning-rate warmup")
+    p_uncond: float = option(0.1, "share of captions replaced by '' (classifier-free guidance)")
+    ema: float = option(0.999, "decay of the weights' moving average, which is what is saved")
     # bookkeeping
-    save_every: int = 250
-    sample_every: int = 500
-    threads: int = 0                    # torch CPU threads; 0: torch's default (one per core)
-    sample_steps: int = 25
-    guidance: float = 4.0
+    save_every: int = option(250, "write the resumable state every N steps")
+    sample_every: int = option(500, "write a sample grid every N UNet steps")
+    threads: int = option(0, "torch CPU threads; 0: torch's default (one per core)")
+    sample_steps: int = option(25, "DDIM steps of the sample grids")
+    guidance: float = option(4.0, "classifier-free guidance of the sample grids")
 
 
 SAMPLE_PROMPTS = [
@@ -105,7 +112,7 @@ SAMPLE_PROMPTS = [
 
 def build_vae(config):
     from ldm.vae import AutoencoderKL, VAEConfig
-    return AutoencoderKL(VAEConfig(resolution=toyworld.SIZE, ch=config.vae_ch,
+    return AutoencoderKL(VAEConfig(resolution=world.SIZE, ch=config.vae_ch,
                                    ch_mult=config.vae_ch_mult, num_res_blocks=config.vae_res_blocks))
 
 
@@ -127,16 +134,6 @@ def build_unet_and_text(config, tokenizer_dir):
         num_heads=config.num_heads, context_dim=config.text_width))
     text = TextEncoder.for_family("sd1", tokenizer, config=text_config)   # pads with <|endoftext|>
     return unet, text
-
-
-def to_tensor(images):
-    """uint8 (n, H, W, 3) -> float (n, 3, H, W) in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
-def to_uint8(x):
-    """float (n, 3, H, W) in about [-1, 1] -> uint8 (n, H, W, 3)."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def lr_at(step, total, base, warmup):
@@ -169,14 +166,13 @@ def log_row(path, row):
         writer.writerow(row)
 
 
-def step_generator(seed, stage, step):
-    return torch.Generator().manual_seed(seed * 1_000_003 + stage * 100_000 + step)
-
-
 # ---------------------------------------------------------------- stage 2: VAE
 
 def train_vae(config, vae, state, work):
-    images = to_tensor(toyworld.texture_dataset(config.num_images // 2, config.seed + 1))
+    # channels last, the pixels' own memory order: the layout the bundled weights were trained
+    # on, and convolutions round differently on another (so does every result after them)
+    images = to_tensor(world.texture_dataset(config.num_images // 2, config.seed + 1),
+                       memory_format=torch.channels_last)
     if "vae_step" not in state:
         # start almost deterministic, std(z | x) = e^-5: with the initial std of 1 the decoder
         # sees mostly noise and learns the mean image for hundreds of steps; the tiny KL weight
@@ -190,8 +186,8 @@ def train_vae(config, vae, state, work):
     bar = tqdm(range(start, config.vae_steps), initial=start, total=config.vae_steps, desc="vae")
     for step in bar:
         t0 = time.time()
-        g = step_generator(config.seed, 1, step)
-        x = images[torch.randint(len(images), (config.vae_batch,), generator=g)]
+        g = step_generator(config.seed, step, stream=1)
+        x = images[torch.randint(len(images), (config.vae_batch_size,), generator=g)]
         for group in opt.param_groups:
             group["lr"] = lr_at(step, config.vae_steps, config.vae_lr, 50)
         posterior = vae.encode(x)
@@ -224,8 +220,8 @@ def encode_dataset(config, vae, work):
     path = os.path.join(work, "latents.pt")
     if os.path.exists(path):
         return torch.load(path, weights_only=True)
-    images, scenes = toyworld.dataset(config.num_images, config.seed)
-    images = to_tensor(images)
+    images, scenes = world.dataset(config.num_images, config.seed)
+    images = to_tensor(images, memory_format=torch.channels_last)   # as in train_vae
     means, stds = [], []
     with torch.no_grad():
         for i in tqdm(range(0, len(images), 256), desc="encode"):
@@ -256,13 +252,13 @@ def train_unet(config, unet, text, scale_factor, data, state, work):
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="unet+text")
     for step in bar:
         t0 = time.time()
-        g = step_generator(config.seed, 2, step)
-        index = torch.randint(len(token_ids), (config.batch,), generator=g)
+        g = step_generator(config.seed, step, stream=2)
+        index = torch.randint(len(token_ids), (config.batch_size,), generator=g)
         z = data["mean"][index] + data["std"][index] * torch.randn(data["mean"][index].shape, generator=g)
         z = scale_factor * z
         ids = token_ids[index].clone()
-        ids[torch.rand(config.batch, generator=g) < config.p_uncond] = uncond_ids
-        t = torch.randint(schedule.num_train_timesteps, (config.batch,), generator=g)
+        ids[torch.rand(config.batch_size, generator=g) < config.p_uncond] = uncond_ids
+        t = torch.randint(schedule.num_train_timesteps, (config.batch_size,), generator=g)
         noise = torch.randn(z.shape, generator=g)
         pred = unet(schedule.add_noise(z, noise, t), t, text(ids))
         loss = (pred - noise).pow(2).mean()
@@ -292,15 +288,15 @@ def bundle(vae, unet, text):
     from ldm.schedule import NoiseSchedule
     return StableDiffusion(
         unet=unet, vae=vae, text_encoder=text, schedule=NoiseSchedule(), family="sd1",
-        prediction_type="epsilon", source="train.pretrain", image_size=toyworld.SIZE,
-        decided_by={"family": "written by train.pretrain (SD 1 layout, CLIPTextModel)",
+        prediction_type="epsilon", source="train.toy.pretrain", image_size=world.SIZE,
+        decided_by={"family": "written by train.toy.pretrain (SD 1 layout, CLIPTextModel)",
                     "prediction_type": "trained with the epsilon target"})
 
 
 def sample_grid(config, unet, text, schedule, work, step):
     """Two samples per SAMPLE_PROMPTS entry (columns), EMA weights, PNG in work/samples/."""
     from edit.grid import save_grid
-    from train.evaluate import generate
+    from train.toy.reader import generate
     images = generate(bundle(sample_grid.vae, unet, text), SAMPLE_PROMPTS * 2,
                       steps=config.sample_steps, guidance=config.guidance, seed=config.seed)
     os.makedirs(os.path.join(work, "samples"), exist_ok=True)
@@ -315,9 +311,10 @@ def sample_grid(config, unet, text, schedule, work, step):
 def export(config, vae, unet, text, tokenizer_dir, work):
     from ldm.checkpoint import save_single_file
     model = bundle(vae, unet, text)
-    path = os.path.join(config.out_dir, "toy-sd.safetensors")
-    save_single_file(path, model, extra_metadata={"train.pretrain": json.dumps(dataclasses.asdict(config))})
-    shutil.copyfile(os.path.join(work, "log.csv"), os.path.join(config.out_dir, "pretrain_log.csv"))
+    path = os.path.join(config.output_dir, "toy-sd.safetensors")
+    settings = json.dumps(dataclasses.asdict(config))
+    save_single_file(path, model, extra_metadata={"train.toy.pretrain": settings})
+    shutil.copyfile(os.path.join(work, "log.csv"), os.path.join(config.output_dir, "pretrain_log.csv"))
     print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB) and {tokenizer_dir}/")
     return path
 
@@ -337,7 +334,7 @@ def pretrain(config, resume=False):
             os.remove(os.path.join(work, stale))
     state.setdefault("stage", "vae")
     state["config"] = json.dumps(dataclasses.asdict(config))
-    tokenizer_dir = os.path.join(config.out_dir, "tokenizer")
+    tokenizer_dir = os.path.join(config.output_dir, "tokenizer")
     build_tokenizer(tokenizer_dir)
     vae = build_vae(config)
     if "vae" in state:
@@ -361,19 +358,28 @@ def pretrain(config, resume=False):
     return export(config, vae, unet, text, tokenizer_dir, work)
 
 
+def build_parser():
+    """One flag per PretrainConfig field, with its help and default; tuples are given as 2,2."""
+    parser = argparse.ArgumentParser(
+        prog="python -m train.toy.pretrain", description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for setting in dataclasses.fields(PretrainConfig):
+        listed = isinstance(setting.default, tuple)
+        parser.add_argument("--" + setting.name.replace("_", "-"), help=setting.metadata["help"],
+                            type=integers if listed else setting.type,
+                            default=",".join(map(str, setting.default)) if listed else setting.default)
+    parser.add_argument("--resume", action="store_true", help="continue from WORK_DIR/state.pt")
+    return parser
+
+
+def integers(text):
+    """'2,2,2' -> (2, 2, 2)."""
+    return tuple(int(v) for v in text.split(","))
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for field in dataclasses.fields(PretrainConfig):
-        kind = field.type if field.type in (int, float, str) else str
-        parser.add_argument("--" + field.name.replace("_", "-"), type=kind, default=None)
-    parser.add_argument("--resume", action="store_true", help="continue from work_dir/state.pt")
-    args = parser.parse_args(argv)
-    overrides = {}
-    for field in dataclasses.fields(PretrainConfig):
-        value = getattr(args, field.name)
-        if value is not None:   # tuples are given as "1,2,2"
-            overrides[field.name] = tuple(int(v) for v in value.split(",")) if "tuple" in str(field.type) else value
-    config = PretrainConfig(**overrides)
+    args = build_parser().parse_args(argv)
+    config = PretrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainConfig)})
     t0 = time.time()
     pretrain(config, resume=args.resume)
     print(f"pretraining took {(time.time() - t0) / 60:.1f} min")

@@ -16,6 +16,7 @@ Rendering: polygons drawn at 4x (128x128) with PIL and box-downsampled to 32x32,
 anti-aliases the edges. Scene i of a dataset depends only on (seed, i), so any part of a
 dataset can be re-rendered exactly.
 """
+import argparse
 import math
 from dataclasses import dataclass
 
@@ -286,15 +287,25 @@ def vocabulary():
     return sorted(set(words))
 
 
-if __name__ == "__main__":
-    import argparse
-    parser = argparse.ArgumentParser(description="write a preview grid of the toy world")
-    parser.add_argument("--out", default="toyworld.png")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    images, scenes = dataset(32, args.seed)
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m train.toy.world", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Write a preview grid of the toy world: 32 pretraining scenes (their "
+                    "captions printed), then 8 renders of each subject.")
+    parser.add_argument("--output", default="toyworld.png", help="the grid, a PNG file")
+    parser.add_argument("--seed", type=int, default=0, help="dataset seed of the scenes")
+    return parser
+
+
+def main(argv=None):
     from edit.grid import save_grid
-    subjects = np.concatenate([subject_images(name, 8)[0] for name in SUBJECTS])
-    save_grid(np.concatenate([images, subjects]), args.out, columns=8, padding=4, scale=4)
+    args = build_parser().parse_args(argv)
+    images, scenes = dataset(32, args.seed)
+    subject_renders = np.concatenate([subject_images(name, 8)[0] for name in SUBJECTS])
+    save_grid(np.concatenate([images, subject_renders]), args.output, columns=8, padding=4, scale=4)
     for s in scenes:
         print(s.caption)
+
+
+if __name__ == "__main__":
+    main()

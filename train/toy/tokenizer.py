@@ -11,29 +11,17 @@ merge the most frequent adjacent symbol pair (ties: smallest pair) until every w
 symbol, so each toy word, and each reserved token (sks, zwx, ...), is one token "word</w>".
 Any other text still tokenizes, into byte symbols, as CLIP's does for rare words.
 
-    python -m train.tokenizer --out weights/tokenizer
+    python -m train.toy.tokenizer --output-dir weights/tokenizer
 """
 import argparse
 import json
 import os
 from collections import Counter
 
-from train.toyworld import vocabulary
+from ldm.text import byte_symbols  # CLIP's byte -> symbol table, in its vocabulary order
+from train.toy.world import vocabulary
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-
-
-def byte_symbols():
-    """CLIP/GPT-2 byte -> printable unicode symbol map, in CLIP's vocabulary order."""
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("\u00a1"), ord("\u00ac") + 1))
-                 + list(range(ord("\u00ae"), ord("\u00ff") + 1)))
-    codes, extra = printable[:], 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            codes.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in codes]
 
 
 def learn_merges(words):
@@ -58,24 +46,36 @@ def learn_merges(words):
             segmented[w] = tuple(out)
 
 
-def build(out_dir, words=None):
-    """Write vocab.json and merges.txt into out_dir; returns the vocabulary (token -> id)."""
+def build(output_dir, words=None):
+    """Write vocab.json and merges.txt into output_dir (made if missing) for `words` (default:
+    the toy vocabulary); returns the vocabulary (token -> id)."""
     merges = learn_merges(words or vocabulary())
     symbols = byte_symbols()
     tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [BOS, EOS]
     vocab = {t: i for i, t in enumerate(tokens)}
     assert len(vocab) == len(tokens), "a merge produced an existing symbol"
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "vocab.json"), "w", encoding="utf-8") as f:
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "vocab.json"), "w", encoding="utf-8") as f:
         json.dump(vocab, f, ensure_ascii=False)
-    with open(os.path.join(out_dir, "merges.txt"), "w", encoding="utf-8") as f:
+    with open(os.path.join(output_dir, "merges.txt"), "w", encoding="utf-8") as f:
         f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     return vocab
 
 
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m train.toy.tokenizer", description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--output-dir", default="weights/tokenizer",
+                        help="folder for vocab.json and merges.txt")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    vocab = build(args.output_dir)
+    print(f"wrote {args.output_dir}: {len(vocab)} tokens, {len(vocabulary())} toy words")
+
+
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="weights/tokenizer")
-    args = parser.parse_args()
-    vocab = build(args.out)
-    print(f"wrote {args.out}: {len(vocab)} tokens, {len(vocabulary())} toy words")
+    main()

@@ -1,0 +1,63 @@
+"""The toy world's four commands follow the project's command-line conventions, and the command
+weights/README.md gives for the bundled model still means the run that made it."""
+import argparse
+import dataclasses
+import json
+
+import pytest
+from safetensors import safe_open
+
+from ldm.checkpoint import DEFAULT_MODEL
+from train.toy import pretrain, reader, tokenizer, world
+
+COMMANDS = {"world": world, "tokenizer": tokenizer, "pretrain": pretrain, "reader": reader}
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_every_flag_has_help_and_shows_its_default(name):
+    parser = COMMANDS[name].build_parser()
+    assert parser.prog == f"python -m train.toy.{name}"
+    assert parser.formatter_class is argparse.ArgumentDefaultsHelpFormatter
+    flags = [a for a in parser._actions if not isinstance(a, argparse._HelpAction)]
+    assert flags and all(a.help and a.option_strings for a in flags)
+    assert parser.format_help().count("(default:") == len(flags)
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_flag_names(name):
+    """One name per meaning across the project's commands (train.single's names)."""
+    flags = {s for a in COMMANDS[name].build_parser()._actions for s in a.option_strings}
+    assert not flags & {"--out", "--out-dir", "--samples", "--batch", "--vae-batch"}
+    if name == "reader":
+        assert {"--eval-samples", "--sample-steps", "--output-dir"} <= flags and "--steps" not in flags
+
+
+def test_the_bundled_weights_reproduction_command():
+    """`python -m train.toy.pretrain --threads 1` has every setting the bundled file records
+    (its metadata uses the field names of its time), but where the files go."""
+    args = vars(pretrain.build_parser().parse_args(["--threads", "1"]))
+    assert not args.pop("resume")
+    config = dataclasses.asdict(pretrain.PretrainConfig(**args))
+    recorded = json.loads(safe_open(DEFAULT_MODEL, "pt").metadata()["train.pretrain"])
+    renamed = {"out_dir": "output_dir", "vae_batch": "vae_batch_size", "batch": "batch_size"}
+    recorded = {renamed.get(k, k): v for k, v in recorded.items()}
+    assert recorded.keys() == config.keys()
+    for key in ("output_dir", "work_dir"):    # where files go: not part of the run
+        del recorded[key], config[key]
+    assert recorded == json.loads(json.dumps(config))     # tuples as the metadata's lists
+
+
+def test_defaults_are_the_config_defaults():
+    args = vars(pretrain.build_parser().parse_args([]))
+    del args["resume"]
+    assert pretrain.PretrainConfig(**args) == pretrain.PretrainConfig()
+    config = pretrain.build_parser().parse_args(["--channel-mult", "1,2", "--vae-batch-size", "3"])
+    assert config.channel_mult == (1, 2) and config.vae_batch_size == 3
+
+
+def test_world_preview_and_tokenizer_commands(tmp_path, capsys):
+    world.main(["--output", str(tmp_path / "preview.png"), "--seed", "1"])
+    assert (tmp_path / "preview.png").stat().st_size > 0
+    assert len(capsys.readouterr().out.splitlines()) == 32          # one caption per scene
+    tokenizer.main(["--output-dir", str(tmp_path / "tokenizer")])
+    assert sorted(p.name for p in (tmp_path / "tokenizer").iterdir()) == ["merges.txt", "vocab.json"]

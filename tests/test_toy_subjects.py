@@ -1,0 +1,56 @@
+"""The example subject as the trainers get it: the very images and prompts train.single has
+always trained on (a changed render would change every trained result), and what `measure`
+counts, on images whose content is known."""
+import hashlib
+
+import numpy as np
+from PIL import Image
+
+from train.toy import subjects, world
+
+# sha256 of the 5 instance renders (uint8 (5, 32, 32, 3)) that train.single trained on before
+# the toy world became a package: a renderer or seed change shows up here first
+INSTANCE_PIXELS_SHA256 = "18675d940c515c35b9383524e4f5f8443f7ee09c2483d6e47a92f0cb4739ad5a"
+
+
+def test_the_example():
+    assert subjects.EXAMPLE == subjects.Example("striped_star", "a sks star", "a star")
+    subject = world.SUBJECTS[subjects.EXAMPLE.subject]
+    assert subjects.EXAMPLE.instance_prompt == f"a {subject.token} {subject.shape}"
+
+
+def test_instance_images_are_the_renders_train_single_used(tmp_path):
+    folder = str(tmp_path / "instance-images")
+    assert subjects.write_instance_images("striped_star", folder) == folder
+    names = [f"striped_star-{i}.png" for i in range(5)]
+    assert sorted(p.name for p in tmp_path.joinpath("instance-images").iterdir()) == names
+    pixels = np.stack([np.asarray(Image.open(tmp_path / "instance-images" / n)) for n in names])
+    assert pixels.shape == (5, 32, 32, 3) and pixels.dtype == np.uint8
+    assert hashlib.sha256(pixels.tobytes()).hexdigest() == INSTANCE_PIXELS_SHA256   # PNG is lossless
+
+
+def test_measure_counts_what_the_reader_sees(monkeypatch):
+    """Instance prompts get renders of the subject, class prompts plain stars but for one
+    subject among 8: fidelity 1, drift 1/8, prompts placed in turn, both sets seeded alike."""
+    rng = np.random.default_rng(0)
+    asked = []
+
+    def fake_generate(model, prompts, steps, guidance, seed):
+        asked.append((list(prompts), steps, guidance, seed))
+        if "sks" in prompts[0]:
+            scenes = [world.subject_scene("striped_star", rng) for _ in prompts]
+        else:
+            scenes = [world.subject_scene("striped_star", rng) if i == 3 else
+                      world.Scene((world.Object("star", "center", 16, 16, 14, color="red"),),
+                                  "white", "a red star") for i in range(len(prompts))]
+        return np.stack([world.render(s) for s in scenes])
+
+    monkeypatch.setattr(subjects.reader, "generate", fake_generate)
+    fidelity, drift = subjects.measure(None, "striped_star", "a sks star", "a star", samples=8,
+                                       sample_steps=7, guidance=3.0, seed=5)
+    assert (fidelity, drift) == (1.0, 1 / 8)
+    assert asked[0][0] == ["a sks star", "a sks star on the left", "a sks star in the center",
+                           "a sks star on the right"] * 2
+    assert asked[1][0][:4] == ["a star", "a star on the left", "a star in the center",
+                               "a star on the right"]
+    assert [a[1:] for a in asked] == [(7, 3.0, 5)] * 2
