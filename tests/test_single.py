@@ -239,6 +239,32 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(files, tmp_path, mon
             [r["loss"] for r in read_log(killed / "log.csv")])
 
 
+def test_ctrl_c_names_the_last_save_and_resume_continues_exactly(files, tmp_path, monkeypatch, capsys):
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    common = ("--steps", "6", "--save-every", "3", "--prior-loss-weight", "0")
+    assert single.main(argv(files, whole, *common)) == 0
+    calls = {"n": 0}
+    real_loss = single.diffusion_loss
+
+    def ctrl_c_in_step_5(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real_loss(*a, **k)
+
+    monkeypatch.setattr(single, "diffusion_loss", ctrl_c_in_step_5)
+    capsys.readouterr()
+    assert single.main(argv(files, stopped, *common)) == 130
+    assert error_line(capsys) == (f"interrupted at step 5; the last save is step 3 "
+                                  f"({stopped / 'checkpoint.pt'}); continue with the same command "
+                                  "and --resume")
+    monkeypatch.setattr(single, "diffusion_loss", real_loss)
+    assert single.main(argv(files, stopped, *common, "--resume")) == 0
+    a, _ = spectral.load_shifts(whole / "spectral_shifts.safetensors")
+    b, _ = spectral.load_shifts(stopped / "spectral_shifts.safetensors")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
 # --- bad input: one line each, exit code 2 (1 for a diverged run) ------------------------------
 
 def error_line(capsys):
