@@ -1,6 +1,5 @@
-"""The toy world's four commands follow the project's command-line conventions, and the command
-weights/README.md gives for the bundled model still means the run that made it."""
-import argparse
+"""The command weights/README.md gives for the bundled model still means the run that made it;
+the toy commands run (their flag conventions: tests/test_cli.py)."""
 import dataclasses
 import json
 
@@ -10,26 +9,6 @@ from safetensors import safe_open
 from ldm.checkpoint import DEFAULT_MODEL
 from train.toy import pretrain, reader, tokenizer, world
 
-COMMANDS = {"world": world, "tokenizer": tokenizer, "pretrain": pretrain, "reader": reader}
-
-
-@pytest.mark.parametrize("name", COMMANDS)
-def test_every_flag_has_help_and_shows_its_default(name):
-    parser = COMMANDS[name].build_parser()
-    assert parser.prog == f"python -m train.toy.{name}"
-    assert parser.formatter_class is argparse.ArgumentDefaultsHelpFormatter
-    flags = [a for a in parser._actions if not isinstance(a, argparse._HelpAction)]
-    assert flags and all(a.help and a.option_strings for a in flags)
-    assert parser.format_help().count("(default:") == len(flags)
-
-
-@pytest.mark.parametrize("name", COMMANDS)
-def test_flag_names(name):
-    """One name per meaning across the project's commands (train.single's names)."""
-    flags = {s for a in COMMANDS[name].build_parser()._actions for s in a.option_strings}
-    assert not flags & {"--out", "--out-dir", "--samples", "--batch", "--vae-batch"}
-    if name == "reader":
-        assert {"--eval-samples", "--sample-steps", "--output-dir"} <= flags and "--steps" not in flags
 
 
 def test_the_bundled_weights_reproduction_command():

@@ -68,6 +68,8 @@ def build_parser(config_class, prog: str, description: str) -> argparse.Argument
             kwargs["action"] = "store_true"
         elif kind == bool | None:
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif kind == tuple[int, ...]:  # sizes per level: --channel-mult 2,2,2
+            kwargs.update(type=integers, default=",".join(map(str, f.default)), metavar="N,N,...")
         elif any(typing.get_origin(t) is tuple for t in (kind, *typing.get_args(kind))):
             kwargs.update(action="append", metavar=meta["metavar"] or "TEXT")
         else:
@@ -80,9 +82,17 @@ def build_parser(config_class, prog: str, description: str) -> argparse.Argument
     return parser
 
 
+def integers(text: str) -> tuple[int, ...]:
+    """'2,2,2' -> (2, 2, 2)."""
+    try:
+        return tuple(int(value) for value in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected whole numbers separated by commas, got {text!r}") from None
+
+
 def check(parser: argparse.ArgumentParser, config) -> None:
-    """Every number finite and at least its minimum; the device usable. argparse's error (exit 2)
-    otherwise, before anything is loaded."""
+    """Every number finite and at least its minimum; a run's device usable. argparse's error
+    (exit 2) otherwise, before anything is loaded."""
     for f in dataclasses.fields(config):
         value, minimum = getattr(config, f.name), f.metadata["minimum"]
         if isinstance(value, float) and not math.isfinite(value):
@@ -90,18 +100,23 @@ def check(parser: argparse.ArgumentParser, config) -> None:
         if minimum is not None and value is not None and value < minimum:
             bound = "must not be negative" if minimum == 0 else f"must be at least {minimum}"
             parser.error(f"{flag(f.name)} {bound}, got {value}")
-    try:
-        usable_device(config.device)
-    except ValueError as error:
-        parser.error(str(error))
+    if isinstance(config, RunConfig):
+        try:
+            usable_device(config.device)
+        except ValueError as error:
+            parser.error(str(error))
+
+
+def to_config(parser: argparse.ArgumentParser, config_class, values: dict):
+    """The config holding parsed `values` (repeated flags' lists as tuples), range-checked."""
+    config = config_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    check(parser, config)
+    return config
 
 
 def parse(parser: argparse.ArgumentParser, config_class, argv):
-    """The config for a command line (argv None: sys.argv), range-checked."""
-    namespace = vars(parser.parse_args(argv))
-    config = config_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in namespace.items()})
-    check(parser, config)
-    return config
+    """The config for a command line (argv None: sys.argv)."""
+    return to_config(parser, config_class, vars(parser.parse_args(argv)))
 
 
 def changed_on_resume(config, saved: dict) -> list[str]:

@@ -32,7 +32,6 @@ grids: runs/pretrain/samples/. The result is ONE single-file checkpoint in CompV
 the config in its metadata (ldm.checkpoint.save_single_file): the same file format and loading
 path as a real SD 1.x checkpoint.
 """
-import argparse
 import copy
 import csv
 import dataclasses
@@ -41,26 +40,25 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
-from train.toy import world
+from train import config as run_config
+from train.config import option
 from train.data import save_atomically, step_generator, to_tensor
+from train.toy import world
 from train.toy.tokenizer import build as build_tokenizer
-
-
-def option(default, help):
-    """A config field and the help of its flag (argparse appends the default)."""
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class PretrainConfig:
     """Every setting of a run; each field is also a flag (vae_ch_mult: --vae-ch-mult 2,2)."""
-    output_dir: str = option("weights", "where toy-sd.safetensors, tokenizer/ and pretrain_log.csv go")
-    work_dir: str = option("runs/pretrain", "resumable state, loss log and sample grids")
+    output_dir: str = option("weights", "where toy-sd.safetensors, tokenizer/ and pretrain_log.csv go",
+                             metavar="DIR")
+    work_dir: str = option("runs/pretrain", "resumable state, loss log and sample grids",
+                           metavar="DIR")
     seed: int = option(0, "seeds the datasets, the initialization and every step's draws")
     num_images: int = option(30000, "distinct captioned scenes (dataset seed = --seed)")
     # VAE
@@ -72,7 +70,7 @@ class PretrainConfig:
     vae_res_blocks: int = option(1, "VAE res blocks per level")
     vae_steps: int = option(2000, "VAE optimizer steps")
     vae_batch_size: int = option(16, "images per VAE step")
-    vae_lr: float = option(1e-3, "VAE learning rate (warmup, then cosine decay to 10%%)")
+    vae_lr: float = option(1e-3, "VAE learning rate (warmup, then cosine decay to 10%)")
     kl_weight: float = option(1e-6, "weight of the VAE's KL term")
     # UNet (SD 1 layout: conv proj_in/out, num_heads, no attention at the finest level)
     model_channels: int = option(32, "UNet base width")
@@ -359,29 +357,20 @@ def pretrain(config, resume=False):
 
 
 def build_parser():
-    """One flag per PretrainConfig field, with its help and default; tuples are given as 2,2."""
-    parser = argparse.ArgumentParser(
-        prog="python -m train.toy.pretrain", description=__doc__.split("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for setting in dataclasses.fields(PretrainConfig):
-        listed = isinstance(setting.default, tuple)
-        parser.add_argument("--" + setting.name.replace("_", "-"), help=setting.metadata["help"],
-                            type=integers if listed else setting.type,
-                            default=",".join(map(str, setting.default)) if listed else setting.default)
+    """One flag per PretrainConfig field (train/config.py), and --resume."""
+    parser = run_config.build_parser(PretrainConfig, "python -m train.toy.pretrain",
+                                     __doc__.split("\n")[0])
     parser.add_argument("--resume", action="store_true", help="continue from WORK_DIR/state.pt")
     return parser
 
 
-def integers(text):
-    """'2,2,2' -> (2, 2, 2)."""
-    return tuple(int(v) for v in text.split(","))
-
-
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    config = PretrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainConfig)})
+    parser = build_parser()
+    values = vars(parser.parse_args(argv))
+    resume = values.pop("resume")
+    config = run_config.to_config(parser, PretrainConfig, values)
     t0 = time.time()
-    pretrain(config, resume=args.resume)
+    pretrain(config, resume=resume)
     print(f"pretraining took {(time.time() - t0) / 60:.1f} min")
 
 
