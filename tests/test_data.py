@@ -118,14 +118,25 @@ def test_class_images_are_generated_once_and_reused(tmp_path):
         calls.append(list(seeds))
         return [Image.new("RGB", (8, 8), (s, 0, 0)) for s in seeds]
 
-    images = ensure_class_images(tmp_path, 3, "a star", generate, batch_size=2, seed=10, progress=False)
+    star = {"prompt": "a star", "sample_steps": 25}
+    images = ensure_class_images(tmp_path, 3, star, generate, batch_size=2, seed=10, progress=False)
     assert calls == [[10, 11], [12]] and len(images) == 3
-    assert ensure_class_images(tmp_path, 3, "a star", generate, 2, 10, False) and len(calls) == 2
-    images = ensure_class_images(tmp_path, 5, "a star", generate, 4, 10, False)
+    assert ensure_class_images(tmp_path, 3, star, generate, 2, 10, False) and len(calls) == 2
+    images = ensure_class_images(tmp_path, 5, star, generate, 4, 10, False)
     assert calls[2:] == [[13, 14]] and [im.getpixel((0, 0))[0] for im in images] == [10, 11, 12, 13, 14]
     assert not list(tmp_path.glob(".*tmp"))
-    with pytest.raises(DataError, match="holds images for the class prompt 'a star'"):
-        ensure_class_images(tmp_path, 3, "a dog", generate, 2, 10, False)
+    # images made with other settings would teach another prior: refused, and left as they are
+    before = sorted(p.read_bytes() for p in tmp_path.iterdir())
+    with pytest.raises(DataError, match="made with prompt 'a star', this run uses 'a dog'"):
+        ensure_class_images(tmp_path, 3, {**star, "prompt": "a dog"}, generate, 2, 10, False)
+    with pytest.raises(DataError, match="made with sample_steps 25, this run uses 2"):
+        ensure_class_images(tmp_path, 3, {**star, "sample_steps": 2}, generate, 2, 10, False)
+    assert sorted(p.read_bytes() for p in tmp_path.iterdir()) == before and len(calls) == 3
+    (tmp_path / "settings.json").unlink()     # images of unknown making: refused too
+    with pytest.raises(DataError, match=r"made with prompt '\(not recorded\)'"):
+        ensure_class_images(tmp_path, 3, star, generate, 2, 10, False)
+    with pytest.raises(DataError, match="is a file, not a directory"):
+        ensure_class_images(tmp_path / "class-00000.png", 3, star, generate, 2, 10, False)
 
 
 # --- the helpers shared with train.toy ---------------------------------------------------------

@@ -182,6 +182,8 @@ class RunConfig:
                              same_on_resume=False)
     resume: bool = option(False, "continue from OUTPUT_DIR/checkpoint.pt, with the same "
                           "settings; the result equals an uninterrupted run", same_on_resume=False)
+    overwrite: bool = option(False, "replace the results of an earlier run in --output-dir "
+                             "(without it, a run refuses to write over them)", same_on_resume=False)
     output_dir: str = option("runs/single", "where everything is written", metavar="DIR", same_on_resume=False)
     svd_cache: str | None = option(None, "directory caching the SVD of the base weights (computed "
                                    "once per base model); default: ~/.cache/svdiff/svd",

@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -118,6 +120,27 @@ def generate(model, prompts: list[str], seed: int, config) -> list:
     return to_pil(images)
 
 
+# ----------------------------------------------------------------------------- the output folder
+
+def check_output_dir(config, result_name: str | None) -> None:
+    """Never replace a result silently: a folder holding an earlier run is continued with
+    --resume or replaced with --overwrite (its results and grids removed first), else refused."""
+    out = Path(config.output_dir)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--output-dir {out}: is a file, not a directory")
+    if config.resume and config.overwrite:
+        raise DataError("--resume continues the run in --output-dir and --overwrite replaces it: "
+                        "give one of them")
+    earlier = [name for name in (result_name, "checkpoint.pt", "log.csv") if name and (out / name).exists()]
+    if not earlier or config.resume:
+        return
+    if not config.overwrite:
+        raise DataError(f"--output-dir {out} holds an earlier run ({', '.join(earlier)}); continue "
+                        "it with --resume, or replace it with --overwrite")
+    for path in [out / name for name in earlier] + [out / "loss.png", *out.glob("samples/step-*.png")]:
+        path.unlink(missing_ok=True)
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 def trained_parameters(model) -> dict[str, torch.Tensor]:
@@ -138,13 +161,34 @@ def save_checkpoint(path, step: int, model, optimizer, scaler, fingerprint: str,
     save_atomically(lambda temporary: torch.save(state, temporary), path)
 
 
+CHECKPOINT_KEYS = {"step", "parameters", "optimizer", "scaler", "rng", "cuda_rng", "base_fingerprint", "args"}
+
+
+def read_checkpoint(path: Path, what: str) -> dict:
+    """A save_checkpoint file's contents. Read with weights_only: a file that would need code to
+    unpickle is refused, never run; so are truncated, foreign and random files (DataError)."""
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols on foreign files
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
+        reason = str(error).split("\n")[0][:120]
+        raise DataError(f"{what}: not a readable checkpoint ({type(error).__name__}: {reason})") from None
+    if not isinstance(state, dict) or not CHECKPOINT_KEYS <= state.keys():
+        raise DataError(f"{what}: not a checkpoint written by a trainer of this project")
+    return state
+
+
 def load_checkpoint(path: Path, model, optimizer, scaler, fingerprint: str, config) -> int:
     """Restore a save_checkpoint file in place; returns its step. A missing file, or one from
     another base model or another kind of run: DataError, one line."""
     what = f"--resume: {path}"
     if not path.exists():
         raise DataError(f"{what}: no checkpoint there")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_checkpoint(path, what)
+    if state["step"] > config.steps:
+        raise DataError(f"{what} is at step {state['step']}, past --steps {config.steps}; give "
+                        f"--steps {state['step']} or more")
     if state["base_fingerprint"] != fingerprint:
         raise DataError(f"{what} was trained on another base model (fingerprint "
                         f"{state['base_fingerprint'][:12]}, this one {fingerprint[:12]})")

@@ -17,6 +17,7 @@ what makes `--resume` exact.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -83,7 +84,7 @@ def read_images(directory: str | Path, what: str = "--instance-dir") -> list[Ima
                 rgb = to_rgb(image)
             rgb.info["source"] = path.name  # for messages further on
             images.append(rgb)
-        except (UnidentifiedImageError, OSError, ValueError) as error:
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as error:
             reason = "not an image" if isinstance(error, UnidentifiedImageError) else str(error)
             warn(f"{what}: skipping {path.name}: {reason}")
     if not images:
@@ -198,28 +199,36 @@ class ImageSet:
 # -------------------------------------------------------------------------------------------
 # prior-preservation images
 
-def ensure_class_images(directory: str | Path, count: int, prompt: str,
+def ensure_class_images(directory: str | Path, count: int, settings: dict,
                         generate: Callable[[list[str], list[int]], list[Image.Image]],
                         batch_size: int, seed: int, progress: bool = True) -> list[Image.Image]:
     """The first `count` images of `directory`, generating the missing ones with `generate`.
 
     `generate(prompts, seeds)` returns one PIL image per prompt, for the seeds of image indices
     (seed + i); images are written one by one, so an interrupted generation continues where
-    it stopped.
-    A note `prompt.txt` records the prompt; a directory made for another prompt is refused,
-    since its images would teach the wrong prior.
+    it stopped. `settings` (the prompt, and whatever else shapes the images: base model,
+    sampler steps, guidance, size, seed) are recorded in settings.json; a directory made with
+    other settings is refused, since its images would teach another prior.
     """
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise DataError(f"--class-dir {directory}: is a file, not a directory")
     directory.mkdir(parents=True, exist_ok=True)
-    note = directory / "prompt.txt"
-    if note.exists() and note.read_text().strip() != prompt:
-        raise DataError(f"--class-dir {directory}: holds images for the class prompt "
-                        f"'{note.read_text().strip()}', not '{prompt}'; use another --class-dir")
-    note.write_text(prompt + "\n")
+    note = directory / "settings.json"
+    if note.exists() or any(directory.glob("class-*.png")):
+        recorded = json.loads(note.read_text()) if note.exists() else {}
+        changed = [k for k in settings if recorded.get(k) != settings[k]]
+        if changed:
+            key = changed[0]
+            raise DataError(f"--class-dir {directory}: its images were made with {key} "
+                            f"{recorded.get(key, '(not recorded)')!r}, this run uses {settings[key]!r}; "
+                            "use another --class-dir, or delete that one to make them again")
+    note.write_text(json.dumps(settings, indent=1) + "\n")
     existing = sorted(p for p in directory.glob("class-*.png"))
     missing = list(range(len(existing), count))
     if missing:
         from tqdm import tqdm
+        prompt = settings["prompt"]
         bar = tqdm(total=len(missing), desc=f"class images '{prompt}'", disable=not progress)
         for start in range(0, len(missing), batch_size):
             indices = missing[start:start + batch_size]

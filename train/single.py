@@ -33,6 +33,8 @@ good save is kept), 130 interrupted.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import re
 import sys
 from dataclasses import dataclass
@@ -61,14 +63,16 @@ class SingleConfig(RunConfig):
                                       "subject: 'a star')")
     class_dir: str | None = option(None, "prior images: generated from the class prompt with the "
                                    "base model when fewer than --num-class-images are there, "
-                                   "reused after; default: runs/class-images/<base model>-<class "
-                                   "prompt>", metavar="DIR")
+                                   "reused after; default: runs/class-images/<class prompt>-<hash of "
+                                   "what shapes them> under the working directory, shared by "
+                                   "runs", metavar="DIR")
     num_class_images: int = option(32, "prior images to use (DreamBooth: 100-200 on SD)", minimum=1)
     prior_loss_weight: float = option(1.0, "lambda; 0 disables prior preservation", minimum=0)
     train_text_encoder: bool | None = option(None, "spectral shifts on the text encoder too; "
                                              "default: off, on for the bundled tiny model")
 
 
+CLASS_IMAGES = Path("runs/class-images")   # relative: beside runs/single, shared between runs
 DESCRIPTION = ("Fine-tune the spectral shifts of a Stable Diffusion model on one subject, with "
                "prior preservation. With no arguments: the bundled tiny model and its example "
                "subject (a striped star, 'a sks star'), a few minutes on a CPU.")
@@ -101,20 +105,30 @@ def resolve(config: SingleConfig, model, fingerprint: str) -> SingleConfig:
     """Every None filled in from the model and the example subject: the complete settings of
     this run, recorded in its checkpoint and shift file, never changed afterwards."""
     filled = {k: v for k, v in core.model_defaults(config).items() if getattr(config, k) is None}
-    resolution = config.resolution or model.image_size
-    core.check_resolution(model, resolution)
+    filled["resolution"] = config.resolution or model.image_size
+    core.check_resolution(model, filled["resolution"])
     if config.instance_dir is None:
         filled.update(instance_dir=str(Path(config.output_dir) / "instance-images"),
                       instance_prompt=config.instance_prompt or subjects.EXAMPLE.instance_prompt,
                       class_prompt=config.class_prompt or subjects.EXAMPLE.class_prompt)
-    class_prompt = filled.get("class_prompt", config.class_prompt)
+    config = dataclasses.replace(config, **filled)
     if config.prior_loss_weight > 0 and config.class_dir is None:
-        slug = re.sub(r"[^a-z0-9]+", "-", class_prompt.lower()).strip("-")
-        filled["class_dir"] = str(Path("runs/class-images") / f"{fingerprint[:10]}-{slug}")
-    return dataclasses.replace(config, resolution=resolution, **filled)
+        settings = class_image_settings(config, fingerprint)
+        slug = re.sub(r"[^a-z0-9]+", "-", config.class_prompt.lower()).strip("-")
+        digest = hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(), digest_size=4).hexdigest()
+        config = dataclasses.replace(config, class_dir=str(CLASS_IMAGES / f"{slug}-{digest}"))
+    return config
 
 
-def read_data(model, config: SingleConfig, example: bool):
+def class_image_settings(config: SingleConfig, fingerprint: str) -> dict:
+    """What shapes the prior images: recorded beside them, and in the default folder's name."""
+    return {"prompt": config.class_prompt, "base_fingerprint": fingerprint,
+            "resolution": config.resolution, "sample_steps": config.sample_steps,
+            "guidance": config.guidance, "mixed_precision": config.mixed_precision,
+            "seed": config.seed}
+
+
+def read_data(model, config: SingleConfig, fingerprint: str, example: bool):
     """The subject's images and, for the prior loss, the base model's own class images."""
     if example:  # render the example subject, so that it is read like anyone's photos
         subjects.write_instance_images(subjects.EXAMPLE.subject, config.instance_dir)
@@ -122,7 +136,7 @@ def read_data(model, config: SingleConfig, example: bool):
     if config.prior_loss_weight == 0:
         return instance, None
     images = data.ensure_class_images(
-        config.class_dir, config.num_class_images, config.class_prompt,
+        config.class_dir, config.num_class_images, class_image_settings(config, fingerprint),
         lambda prompts, seeds: core.generate(model, prompts, seeds[0], config), 8, config.seed)
     return instance, data.ImageSet(images, config.resolution)
 
@@ -141,10 +155,11 @@ def diffusion_loss(model, latents, context, t, noise):
 def train(config: SingleConfig):
     """Train, save and merge; returns the model with the trained shifts merged in."""
     check_prompts(config)
+    core.check_output_dir(config, METHODS[config.method].result_name)
     example = config.instance_dir is None
     model, fingerprint = core.load_model(config)
     config = resolve(config, model, fingerprint)
-    instance, prior = read_data(model, config, example)
+    instance, prior = read_data(model, config, fingerprint, example)
     image_sets = (instance,) if prior is None else (instance, prior)
     encode = core.vae_moments(model)
     if config.cache_latents:
