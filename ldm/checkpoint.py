@@ -25,7 +25,6 @@ which is what the CompVis inference configs (use_ema: False) and diffusers' conv
 extract_ema) use; released "-ema-only" files already hold EMA weights there.
 """
 
-import hashlib
 import json
 import os
 import re
@@ -444,18 +443,3 @@ def save_single_file(path: str, model: StableDiffusion,
                 **(extra_metadata or {})}
     from safetensors.torch import save_file
     save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, path, metadata)
-
-
-def fingerprint(state_dict: dict) -> str:
-    """Hex digest (blake2b, 128 bits) of names, shapes and up to 4096 evenly strided values per
-    tensor (as float32, so an fp16 and an fp32 load of one file agree). Reads ~16 KB per tensor,
-    so a 4 GB model takes a fraction of a second. Tells base models apart; not a tamper check."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name in sorted(state_dict):
-        tensor = state_dict[name].detach()
-        digest.update(f"{name}:{tuple(tensor.shape)};".encode())
-        flat = tensor.reshape(-1)
-        sample = flat[::max(1, flat.numel() // 4096)][:4096]
-        kind = torch.float32 if tensor.is_floating_point() else torch.int64
-        digest.update(sample.to("cpu", kind).contiguous().numpy().tobytes())
-    return digest.hexdigest()

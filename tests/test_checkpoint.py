@@ -16,6 +16,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm import checkpoint as ckpt
 from ldm import diffusers_layout
+from ldm.model import state_dict_fingerprint
 from ldm.text import compvis_text_state_dict, sd1_text_config, sd2_text_config
 from ldm.unet import UNetConfig, UNetModel
 from ldm.vae import AutoencoderKL, VAEConfig
@@ -93,7 +94,8 @@ def test_safetensors_round_trip(tiny):
     assert loaded.decided_by["family"].startswith("file metadata")
     assert loaded.decided_by["tokenizer"].startswith("beside the weights")
     assert_same_outputs(model, loaded)
-    assert ckpt.fingerprint(loaded.unet.state_dict()) == ckpt.fingerprint(model.unet.state_dict())
+    assert state_dict_fingerprint(loaded.unet.state_dict()) == \
+        state_dict_fingerprint(model.unet.state_dict())
 
 
 def test_ckpt_round_trip_infers_config_from_shapes(tiny):
@@ -363,16 +365,36 @@ def test_tokenizer_lookup(tmp_path):
     assert meta.text_encoder.pad_token_id == model.text_encoder.pad_token_id
 
 
-def test_fingerprint():
+def test_state_dict_fingerprint():
     a = randomize(UNetModel(UNET["sd1"])).state_dict()
     b = {k: v.clone() for k, v in a.items()}
-    assert ckpt.fingerprint(a) == ckpt.fingerprint(b)
-    assert len(ckpt.fingerprint(a)) == 32
+    assert state_dict_fingerprint(a) == state_dict_fingerprint(b)
+    assert len(state_dict_fingerprint(a)) == 32
     b["out.2.weight"] = b["out.2.weight"] * 1.001
-    assert ckpt.fingerprint(a) != ckpt.fingerprint(b)
+    assert state_dict_fingerprint(a) != state_dict_fingerprint(b)
     c = dict(a)
     c["renamed"] = c.pop("out.2.weight")
-    assert ckpt.fingerprint(a) != ckpt.fingerprint(c)
+    assert state_dict_fingerprint(a) != state_dict_fingerprint(c)
+    # the digest itself is fixed: shift files store it, and a change would orphan them all
+    fixed = {"unet.out.2.weight": torch.linspace(-1, 1, 60).reshape(3, 4, 5),
+             "text.big": torch.arange(10007, dtype=torch.float16), "step": torch.tensor(7)}
+    assert state_dict_fingerprint(fixed) == "754a846d6ec8b4cc685320b84183e9b6"
+
+
+@torch.no_grad()
+def test_base_fingerprint_covers_unet_and_text_encoder_only(tmp_path):
+    model = tiny_model("sd1", tokenizer_dir=str(tmp_path / "tokenizer"))
+    base = model.base_fingerprint()
+    # what shift files already carry: both state dicts under "unet." and "text." names
+    assert base == state_dict_fingerprint(
+        {**{f"unet.{k}": v for k, v in model.unet.state_dict().items()},
+         **{f"text.{k}": v for k, v in model.text_encoder.state_dict().items()}})
+    model.vae.decoder.conv_out.bias.add_(1)  # shifts never touch the VAE
+    assert model.base_fingerprint() == base
+    model.text_encoder.transformer.final_layer_norm.bias.add_(1e-3)
+    text_changed = model.base_fingerprint()
+    model.unet.out[2].bias.add_(1e-3)
+    assert len({base, text_changed, model.base_fingerprint()}) == 3
 
 
 # ----------------------------------------------------------------------------- bad files

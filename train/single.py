@@ -41,7 +41,6 @@ import torch
 from tqdm import tqdm
 
 import spectral
-from edit.shifts import fingerprint as base_fingerprint  # the one edit.sample checks files with
 from ldm import checkpoint
 from ldm.checkpoint import CheckpointError
 from ldm.model import usable_device
@@ -305,7 +304,7 @@ def load_base(args):
     multiple = model.latent_factor * 2 ** (len(model.unet.config.channel_mult) - 1)
     if args.resolution % multiple:
         raise DataError(f"--resolution {args.resolution}: must be a multiple of {multiple} for this model")
-    return model, base_fingerprint(model), bundled
+    return model, model.base_fingerprint(), bundled
 
 
 def load_data(model, fingerprint, args):
