@@ -74,18 +74,26 @@ def describe(path: str, tokenizer_dir: str | None = None,
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of python -m ldm.info; every argument's help says its default."""
     parser = argparse.ArgumentParser(
         prog="python -m ldm.info", description=__doc__.split("\n\n")[0],
         epilog="Supported: SD 1.x and 2.x text-to-image checkpoints (CompVis/A1111/ComfyUI "
                "single files and diffusers folders). Exit status 2 on a file it refuses.")
-    parser.add_argument("path", help="a .safetensors / .ckpt file or a diffusers folder")
+    parser.add_argument("path", help="a .safetensors / .ckpt file or a diffusers folder "
+                                     "(required, no default)")
     parser.add_argument("--tokenizer", metavar="DIR",
                         help=f"folder with {TOKENIZER_FILES} (default: tokenizer/ beside "
                              "the weights, else an installed CLIP BPE vocabulary)")
     parser.add_argument("--prediction-type", choices=PREDICTION_TYPES,
-                        help="override what the network predicts (default: decided by rule)")
-    args = parser.parse_args(argv)
+                        help="override what the network predicts (default: by rule: file "
+                             "metadata, a CompVis .yaml beside the file, a .ckpt's training step, "
+                             "else the family's convention; the output names the rule)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         rows = describe(args.path, args.tokenizer, args.prediction_type)
     except CheckpointError as e:

@@ -112,3 +112,15 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
         assert result.returncode == 2 and result.stdout == ""
         assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert not marker.exists()
+
+
+def test_help_says_every_default():
+    parser = info.build_parser()
+    assert parser.prog == "python -m ldm.info"
+    arguments = [a for a in parser._actions if a.dest != "help"]
+    assert {a.dest for a in arguments} == {"path", "tokenizer", "prediction_type"}
+    for argument in arguments:
+        assert argument.help and "default" in argument.help, argument.dest
+    result = run_info("--help")
+    assert result.returncode == 0 and result.stdout.startswith("usage: python -m ldm.info")
+    assert "Supported: SD 1.x" in result.stdout
