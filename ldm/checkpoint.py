@@ -31,10 +31,10 @@ from transformers import CLIPTextConfig
 
 from ldm import diffusers_layout
 from ldm import text as ldm_text
-from ldm.compvis_layout import (SD1_TEXT_PREFIX, SD2_TEXT_PREFIX,  # noqa: F401 (API)
-                                UNET_PREFIX, VAE_PREFIX, detect_family,
+from ldm.compvis_layout import (UNET_PREFIX, VAE_PREFIX, detect_family,  # noqa: F401 (API)
                                 unet_config_from_state_dict, vae_config_from_state_dict)
 from ldm.diffusers_layout import diffusers_unet_name_to_compvis  # noqa: F401 (API)
+from ldm.family import FAMILIES, SUPPORTED, family_named
 from ldm.files import CheckpointError, file_format, read_single_file  # noqa: F401 (API)
 from ldm.model import StableDiffusion
 from ldm.schedule import PREDICTION_TYPES, NoiseSchedule
@@ -51,9 +51,9 @@ def decide_prediction_type(family: str, explicit: str | None = None, metadata: d
                            ) -> tuple[str, str]:
     """(prediction type, rule). Order: the explicit argument; file metadata (ours, or ModelSpec's
     "modelspec.prediction_type"); a CompVis yaml beside the file ("parameterization: v", the
-    A1111 convention); the training step of an SD 2 .ckpt (875000 is SD 2.x 512-base, eps;
-    diffusers' rule); else the family convention: SD 1.x eps; SD 2.x v, as the 768-v models are
-    (SD 2 512-base users pass --prediction-type epsilon)."""
+    A1111 convention); a .ckpt's training step where it tells the family's releases apart (SD 2:
+    875000 is 512-base, eps; diffusers' rule); else the family convention: SD 1.x eps; SD 2.x v,
+    as the 768-v models are (SD 2 512-base users pass --prediction-type epsilon)."""
     if explicit is not None:
         _check_prediction_type(explicit)
         return explicit, "given explicitly"
@@ -67,13 +67,13 @@ def decide_prediction_type(family: str, explicit: str | None = None, metadata: d
         with open(yaml_path, errors="replace") as f:
             v = re.search(r"^\s*parameterization:\s*['\"]?v['\"]?\s*$", f.read(), re.M)
         return ("v_prediction" if v else "epsilon"), f"parameterization in {yaml_path}"
-    if family == "sd2" and global_step is not None:
-        pt = "epsilon" if global_step == 875000 else "v_prediction"
-        return pt, f"SD 2 .ckpt global_step {global_step} (875000 = 512-base eps, else 768-v)"
-    if family == "sd1":
-        return "epsilon", "convention: SD 1.x predicts noise"
-    return "v_prediction", ("convention: SD 2.x 768-v models predict v (pass --prediction-type "
-                            "epsilon for SD 2 512-base)")
+    conventions = family_named(family)
+    if conventions.epsilon_checkpoint is not None and global_step is not None:
+        step, release = conventions.epsilon_checkpoint
+        found = "epsilon" if global_step == step else conventions.prediction_type
+        return found, (f"{conventions.display_name} .ckpt global_step {global_step} ({step}: "
+                       f"{release}, epsilon; other steps: {conventions.prediction_type})")
+    return conventions.prediction_type, "convention: " + conventions.prediction_note
 
 
 def _check_prediction_type(value: str) -> str:
@@ -115,17 +115,18 @@ def _diffusers_parts(path: str, meta: bool) -> dict:
     for part in ("unet", "vae", "text_encoder"):
         if not os.path.isfile(os.path.join(path, part, "config.json")):
             raise CheckpointError(f"{path}: a diffusers folder without {part}/config.json (only "
-                                  "SD 1.x / 2.x pipelines with unet, vae, text_encoder load)")
+                                  f"{SUPPORTED} pipelines with unet, vae, text_encoder load)")
     unet_json = _read_json(os.path.join(path, "unet", "config.json"))
     try:
         unet_config, heads_rule = diffusers_layout.unet_config(unet_json)
-        vae_config = diffusers_layout.vae_config(_read_json(os.path.join(path, "vae",
-                                                                         "config.json")))
         if unet_config.in_channels != 4:
             raise ValueError(f"UNet in_channels {unet_config.in_channels} (inpainting, depth, "
                              "pix2pix or upscaler); text-to-image models have 4")
         text_config = CLIPTextConfig(**_read_json(os.path.join(path, "text_encoder",
                                                                "config.json")))
+        family, family_rule = diffusers_layout.detect_family(unet_config, text_config.hidden_act)
+        vae_config = diffusers_layout.vae_config(
+            _read_json(os.path.join(path, "vae", "config.json")), FAMILIES[family].latent_scale)
         unet_sd = diffusers_layout.unet_state_dict(
             _component_weights(os.path.join(path, "unet"), meta), unet_config)
         vae_sd = diffusers_layout.vae_state_dict(
@@ -134,7 +135,6 @@ def _diffusers_parts(path: str, meta: bool) -> dict:
         raise CheckpointError(f"{path}: {e}") from None
     text_sd = diffusers_layout.text_state_dict(
         _component_weights(os.path.join(path, "text_encoder"), meta))
-    family, family_rule = diffusers_layout.family(unet_config, text_config.hidden_act)
     scheduler = os.path.join(path, "scheduler", "scheduler_config.json")
     metadata = _read_json(scheduler) if os.path.isfile(scheduler) else {}
     return dict(
@@ -192,15 +192,16 @@ def _single_file_parts(path: str, meta: bool) -> dict:
     else:
         try:
             unet_config, decided["unet_config"] = unet_config_from_state_dict(unet_sd, family)
-            vae_config = vae_config_from_state_dict(vae_sd)
+            vae_config = vae_config_from_state_dict(vae_sd, family)
             text_config = ldm_text.text_config_from_state_dict(text_sd, family)
         except KeyError as e:
             raise CheckpointError(f"{path}: incomplete checkpoint (no {e.args[0]})") from None
-        decided["vae_config"] = "shapes; latent scale 0.18215 by convention"
+        decided["vae_config"] = f"shapes; latent scale {vae_config.scale_factor} by convention"
         decided["text_config"] = "shapes; 64-channel heads by convention"
     yaml_path = os.path.splitext(path)[0] + ".yaml"
     return dict(unet=(unet_sd, unet_config), vae=(vae_sd, vae_config), text=(text_sd, text_config),
-                pad_token_id=stored.get("pad_token_id", "eos" if family == "sd1" else 0),
+                pad_token_id=stored.get("pad_token_id",
+                                        "eos" if FAMILIES[family].pads_with_eos else 0),
                 family=family, metadata={**metadata, **stored}, decided_by=decided,
                 yaml_path=yaml_path, image_size=stored.get("image_size"))
 
@@ -266,11 +267,11 @@ def load(path: str = DEFAULT_MODEL, tokenizer_dir: str | None = None,
     prediction, decided["prediction_type"] = decide_prediction_type(
         family, prediction_type, parts["metadata"], parts.get("yaml_path"),
         parts["metadata"].get("global_step"))
-    image_size = parts.get("image_size") or (768 if family == "sd2" and
-                                             prediction == "v_prediction" else 512)
-    decided["image_size"] = (("diffusers unet sample_size" if folder else "file metadata")
-                             if parts.get("image_size") else
-                             "convention: SD 2.x v-models 768, others 512")
+    image_size = parts.get("image_size")
+    if image_size:
+        decided["image_size"] = "diffusers unet sample_size" if folder else "file metadata"
+    else:
+        image_size, decided["image_size"] = FAMILIES[family].default_image_size(prediction)
     tokenizer, decided["tokenizer"] = _find_tokenizer(path, tokenizer_dir, required=not meta)
     (unet_sd, unet_config), (vae_sd, vae_config) = parts["unet"], parts["vae"]
     text_sd, text_config = parts["text"]

@@ -6,24 +6,37 @@
     cond_stage_model.transformer.*          SD 1 text   (HF CLIP names)   -> ldm.text
     cond_stage_model.model.*                SD 2 text   (OpenCLIP names)  -> ldm.text
 
-Reads no files; ldm/checkpoint.py does. Errors are CheckpointError with a one-line message.
+The text prefixes, and whatever shapes cannot tell (heads, latent scale), come from the family
+table (ldm.family). Reads no files; ldm/checkpoint.py does. Errors are CheckpointError with a
+one-line message.
 """
 
 import re
 
+from ldm.family import FAMILIES, SUPPORTED
 from ldm.files import CheckpointError
 from ldm.unet import UNetConfig
 from ldm.vae import VAEConfig
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-SD1_TEXT_PREFIX = "cond_stage_model.transformer."
-SD2_TEXT_PREFIX = "cond_stage_model.model."
 
 
 def detect_family(state_dict: dict) -> tuple[str, str]:
-    """("sd1" | "sd2", the rule that decided), or CheckpointError naming what was found instead.
+    """(family name, the rule that decided), or CheckpointError naming what was found instead.
     state_dict: single-file (CompVis) names."""
+    _refuse_other_models(state_dict)
+    context = next((v.shape[1] for k, v in state_dict.items() if k.endswith("attn2.to_k.weight")),
+                   None)
+    for family in FAMILIES.values():
+        if any(k.startswith(family.text_prefix) for k in state_dict):
+            return family.name, (f"{family.text_encoder} text keys ({family.text_prefix}*) and "
+                                 f"context_dim {context} -> {family.display_name}")
+    raise CheckpointError("a UNet and VAE without a text encoder (no cond_stage_model.* keys)")
+
+
+def _refuse_other_models(state_dict: dict) -> None:
+    """CheckpointError saying what the file is when it is not a text-to-image SD base model."""
     keys = list(state_dict)
 
     def has(prefix):
@@ -34,13 +47,13 @@ def detect_family(state_dict: dict) -> tuple[str, str]:
         raise CheckpointError(f"a LoRA file ({len(lora)} LoRA keys such as {lora[0]!r}), not a "
                               "base model")
     if has("conditioner.embedders."):
-        raise CheckpointError("an SDXL checkpoint (conditioner.embedders.* keys); only SD 1.x and "
-                              "2.x are supported")
+        raise CheckpointError(f"an SDXL checkpoint (conditioner.embedders.* keys); supported: "
+                              f"{SUPPORTED}")
     if has("control_model."):
         raise CheckpointError("a ControlNet (control_model.* keys), not a base model")
     if has("embedder.") or has("noise_augmentor.") or has(UNET_PREFIX + "label_emb."):
         raise CheckpointError("an image/class-conditioned UNet (unCLIP or SDXL: label_emb / "
-                              "embedder keys); only SD 1.x and 2.x text-to-image are supported")
+                              f"embedder keys); supported: {SUPPORTED} text-to-image")
     if not has(UNET_PREFIX):
         if "conv_in.weight" in state_dict and has("down_blocks."):
             what = "a diffusers UNet weights file alone (load the whole diffusers folder instead)"
@@ -62,16 +75,6 @@ def detect_family(state_dict: dict) -> tuple[str, str]:
                               f"in_channels {in_channels}, text-to-image models have 4)")
     if not has(VAE_PREFIX):
         raise CheckpointError("a UNet without its VAE (no first_stage_model.* keys)")
-    context = next((v.shape[1] for k, v in state_dict.items() if k.endswith("attn2.to_k.weight")),
-                   None)
-    if has(SD1_TEXT_PREFIX):
-        family, text = "sd1", "HF CLIP text keys (cond_stage_model.transformer.*)"
-    elif has(SD2_TEXT_PREFIX):
-        family, text = "sd2", "OpenCLIP text keys (cond_stage_model.model.*)"
-    else:
-        raise CheckpointError("a UNet and VAE without a text encoder (no cond_stage_model.* keys)")
-    name = {"sd1": "SD 1.x", "sd2": "SD 2.x"}[family]
-    return family, f"{text} and context_dim {context} -> {name}"
 
 
 def _indices(keys, prefix: str) -> list[int]:
@@ -81,8 +84,8 @@ def _indices(keys, prefix: str) -> list[int]:
 
 
 def unet_config_from_state_dict(sd: dict, family: str) -> tuple[UNetConfig, str]:
-    """UNetConfig from the shapes of a (prefix-stripped) CompVis UNet state dict; the heads
-    follow the family convention (SD 1: 8 heads, SD 2: 64 channels per head)."""
+    """(UNetConfig, rule) from the shapes of a (prefix-stripped) CompVis UNet state dict; heads and
+    attention precision follow the family (SD 1: 8 heads, SD 2: 64 channels per head, fp32)."""
     first = sd["input_blocks.0.0.weight"]  # (model_channels, in_channels, 3, 3)
     ch = first.shape[0]
     blocks = _indices(sd, "input_blocks")
@@ -99,23 +102,21 @@ def unet_config_from_state_dict(sd: dict, family: str) -> tuple[UNetConfig, str]
     depths.add(len(_indices(sd, "middle_block.1.transformer_blocks")))
     if len(depths) != 1:
         raise CheckpointError(f"transformer depth differs between levels ({sorted(depths)}): "
-                              "not an SD 1.x / 2.x UNet")
-    heads = dict(num_heads=8) if family == "sd1" else dict(num_heads=-1, num_head_channels=64)
+                              f"not a UNet of {SUPPORTED}")
+    conventions = FAMILIES[family]
     config = UNetConfig(
         in_channels=first.shape[1], out_channels=sd["out.2.weight"].shape[0], model_channels=ch,
         attention_resolutions=tuple(reversed(attention_resolutions)), num_res_blocks=num_res_blocks,
         channel_mult=tuple(channel_mult), context_dim=sd["middle_block.1.transformer_blocks.0"
                                                          ".attn2.to_k.weight"].shape[1],
         use_linear_in_transformer=sd["middle_block.1.proj_in.weight"].ndim == 2,
-        transformer_depth=depths.pop(), upcast_attention=family == "sd2", **heads)
-    rule = "shapes; heads by convention: " + ("SD 1.x 8 heads" if family == "sd1" else
-                                              "SD 2.x 64 channels per head, fp32 attention")
-    return config, rule
+        transformer_depth=depths.pop(), **conventions.unet_heads())
+    return config, "shapes; heads by convention: " + conventions.heads_rule
 
 
-def vae_config_from_state_dict(sd: dict) -> VAEConfig:
-    """VAEConfig from the shapes of a (prefix-stripped) CompVis VAE state dict; the latent
-    scale is SD's 0.18215 and attention inside levels assumes CompVis' resolution 256."""
+def vae_config_from_state_dict(sd: dict, family: str) -> VAEConfig:
+    """VAEConfig from the shapes of a (prefix-stripped) CompVis VAE state dict; the latent scale
+    is the family's (SD: 0.18215) and attention inside levels assumes CompVis' resolution 256."""
     ch = sd["encoder.conv_in.weight"].shape[0]
     levels = _indices(sd, "encoder.down")
     ch_mult = tuple(sd[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // ch for i in levels)
@@ -125,4 +126,4 @@ def vae_config_from_state_dict(sd: dict) -> VAEConfig:
                      in_channels=sd["encoder.conv_in.weight"].shape[1],
                      out_ch=sd["decoder.conv_out.weight"].shape[0], ch=ch, ch_mult=ch_mult,
                      num_res_blocks=len(_indices(sd, "encoder.down.0.block")),
-                     attn_resolutions=attn)
+                     attn_resolutions=attn, scale_factor=FAMILIES[family].latent_scale)

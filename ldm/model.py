@@ -55,7 +55,7 @@ class StableDiffusion:
     vae: AutoencoderKL
     text_encoder: TextEncoder
     schedule: NoiseSchedule
-    family: str  # "sd1" | "sd2"
+    family: str  # a key of ldm.family.FAMILIES
     prediction_type: str  # "epsilon" | "v_prediction"
     decided_by: dict[str, str] = field(default_factory=dict)  # what -> the rule that decided it
     source: str = ""  # the file or folder it was loaded from

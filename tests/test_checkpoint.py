@@ -16,8 +16,9 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm import checkpoint as ckpt
 from ldm import diffusers_layout
+from ldm.family import FAMILIES, sd1_text_config, sd2_text_config
 from ldm.model import state_dict_fingerprint
-from ldm.text import compvis_text_state_dict, sd1_text_config, sd2_text_config
+from ldm.text import compvis_text_state_dict
 from ldm.unet import UNetConfig, UNetModel
 from ldm.vae import AutoencoderKL, VAEConfig
 from oracle import (UNET_PREFIX, VAE_PREFIX, checkpoint_state_dict, convert_unet, convert_vae,
@@ -46,14 +47,15 @@ def compvis_state_dict(model) -> dict:
     sd.update(checkpoint_state_dict(model.vae, VAE_PREFIX))
     text = compvis_text_state_dict(model.text_encoder, model.family)
     if model.family == "sd2":
-        prefix = ckpt.SD2_TEXT_PREFIX + "transformer.resblocks."
+        openclip = FAMILIES["sd2"].text_prefix
+        prefix = openclip + "transformer.resblocks."
         last = model.text_encoder.transformer.config.num_hidden_layers - 1
         for k, v in list(text.items()):
             if k.startswith(f"{prefix}{last}."):
                 text[k.replace(f"{prefix}{last}.", f"{prefix}{last + 1}.")] = torch.randn_like(v)
         width = model.text_encoder.transformer.config.hidden_size
-        text[ckpt.SD2_TEXT_PREFIX + "text_projection"] = torch.randn(width, width)
-        text[ckpt.SD2_TEXT_PREFIX + "logit_scale"] = torch.tensor(4.6)
+        text[openclip + "text_projection"] = torch.randn(width, width)
+        text[openclip + "logit_scale"] = torch.tensor(4.6)
     sd.update(text)
     return sd
 
@@ -120,7 +122,7 @@ def test_ema_and_corrupt_position_ids_are_ignored(tmp_path):
         if k.startswith(UNET_PREFIX):
             sd["model_ema." + k[len("model."):].replace(".", "")] = torch.randn_like(v)
     sd["model_ema.num_updates"] = torch.tensor(7)
-    sd[ckpt.SD1_TEXT_PREFIX + "text_model.embeddings.position_ids"] = \
+    sd[FAMILIES["sd1"].text_prefix + "text_model.embeddings.position_ids"] = \
         torch.arange(77.0)[None] * 0.999  # float and off: the classic merged-checkpoint damage
     sd["alphas_cumprod"] = model.schedule.alphas_cumprod.float()
     path = str(tmp_path / "ema.ckpt")

@@ -10,7 +10,8 @@ import torch
 
 from ldm import checkpoint as ckpt
 from ldm import info
-from ldm.text import TextEncoder, compvis_text_state_dict, sd1_text_config, sd2_text_config
+from ldm.family import FAMILIES
+from ldm.text import TextEncoder, compvis_text_state_dict
 from ldm.unet import UNetConfig, UNetModel
 from ldm.vae import AutoencoderKL, VAEConfig
 from test_checkpoint import bad_files
@@ -28,18 +29,18 @@ def full_size_keys(family: str) -> dict:
     unet_config = UNetConfig.sd15() if family == "sd1" else UNetConfig.sd21()
     with torch.device("meta"):
         unet, vae = UNetModel(unet_config), AutoencoderKL(VAEConfig())
-        text_config = sd1_text_config() if family == "sd1" else sd2_text_config()
-        text = TextEncoder(text_config, tokenizer=None, pad_token_id=0)
+        text = TextEncoder(FAMILIES[family].text_config(), tokenizer=None, pad_token_id=0)
     shapes = {ckpt.UNET_PREFIX + k: v.shape for k, v in unet.state_dict().items()}
     shapes.update({ckpt.VAE_PREFIX + k: v.shape for k, v in vae.state_dict().items()})
     text_sd = compvis_text_state_dict(text, family)
     shapes.update({k: v.shape for k, v in text_sd.items()})
     if family == "sd2":
-        prefix = ckpt.SD2_TEXT_PREFIX + "transformer.resblocks."
+        openclip = FAMILIES["sd2"].text_prefix
+        prefix = openclip + "transformer.resblocks."
         shapes.update({k.replace(f"{prefix}22.", f"{prefix}23."): v.shape
                        for k, v in text_sd.items() if k.startswith(f"{prefix}22.")})
-        shapes[ckpt.SD2_TEXT_PREFIX + "text_projection"] = torch.Size([1024, 1024])
-        shapes[ckpt.SD2_TEXT_PREFIX + "logit_scale"] = torch.Size([])
+        shapes[openclip + "text_projection"] = torch.Size([1024, 1024])
+        shapes[openclip + "logit_scale"] = torch.Size([])
     return shapes
 
 
