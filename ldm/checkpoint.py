@@ -1,19 +1,19 @@
 """Read and write Stable Diffusion checkpoints: single files and diffusers folders.
 
 Single file (`.safetensors`, `.ckpt`), the CompVis / A1111 / ComfyUI layout: UNet, VAE and text
-encoder under their prefixes (ldm/compvis_layout.py, which also reads configs from shapes);
-`model_ema.*`, the EMA copy of the UNet, is ignored (see below).
-
-`.ckpt` files are pickles and are read with `torch.load(weights_only=True)` only: a pickle that
-needs anything but tensors and plain containers (code, objects) is refused, never unpickled
+encoder under their prefixes (ldm/compvis_layout.py), `model_ema.*` ignored (see below). `.ckpt`
+files are pickles and are read with `torch.load(weights_only=True)` only: a pickle that needs
+anything but tensors and plain containers (code, objects) is refused, never unpickled
 (ldm/files.py reads the files).
 
 Diffusers folders (unet/ vae/ text_encoder/ tokenizer/ [scheduler/]) are renamed to the
-CompVis names by the explicit rules of `diffusers_unet_name_to_compvis` and
-`diffusers_vae_name_to_compvis`; diffusers itself is never imported.
+CompVis names by the explicit rules of ldm/diffusers_layout.py; diffusers itself is never
+imported.
 
-Everything that cannot be read from tensor shapes is decided by a rule, and `decided_by` on
-the returned model says which one (family, configs, heads, prediction type, tokenizer, ...).
+Both become `Parts` (CompVis-named weights and configs), then one strict load builds the model.
+Everything that cannot be read from tensor shapes is decided by a rule, mostly the family's
+convention (ldm/family.py), and `decided_by` on the returned model says which one (family,
+configs, heads, prediction type, image size, tokenizer, pad token, ...).
 
 EMA: CompVis training checkpoints hold both the trained weights (`model.diffusion_model.*`)
 and an EMA copy (`model_ema.*`, names with the dots removed). We load `model.diffusion_model.*`,
@@ -24,7 +24,7 @@ extract_ema) use; released "-ema-only" files already hold EMA weights there.
 import json
 import os
 import re
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 
 import torch
 from transformers import CLIPTextConfig
@@ -44,6 +44,27 @@ from ldm.vae import AutoencoderKL, VAEConfig
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                              "weights", "toy-sd.safetensors")
 METADATA_KEY = "svdiff_config"
+
+
+@dataclass
+class Parts:
+    """A checkpoint read into CompVis-named weights and their configs, before any module is
+    built. What the files may leave open (prediction type, image size, pad token) `load` decides."""
+
+    family: str                     # a key of ldm.family.FAMILIES
+    unet: dict                      # UNetModel state dict
+    unet_config: UNetConfig
+    vae: dict                       # AutoencoderKL state dict
+    vae_config: VAEConfig
+    text: dict                      # CLIPTextModel state dict (transformers 5 names)
+    text_config: CLIPTextConfig
+    decided_by: dict[str, str]      # what -> the rule that decided it, so far
+    # what the prediction-type rules read: file metadata (ours, ModelSpec's), a .ckpt's global_step
+    metadata: dict = field(default_factory=dict)
+    yaml_path: str | None = None    # where a CompVis yaml beside a single file would be
+    image_size: int | None = None   # stored in the file (decided_by says where); None: convention
+    pad_token_id: int | None = None  # stored in our own files: the id the model was saved with
+    pad_as_tokenizer: bool = False  # diffusers folders: pad as their tokenizer (as pipelines do)
 
 
 def decide_prediction_type(family: str, explicit: str | None = None, metadata: dict | None = None,
@@ -111,7 +132,7 @@ def _component_weights(folder: str, meta: bool) -> dict:
                           "model.safetensors or a .bin)")
 
 
-def _diffusers_parts(path: str, meta: bool) -> dict:
+def _diffusers_parts(path: str, meta: bool) -> Parts:
     for part in ("unet", "vae", "text_encoder"):
         if not os.path.isfile(os.path.join(path, part, "config.json")):
             raise CheckpointError(f"{path}: a diffusers folder without {part}/config.json (only "
@@ -136,74 +157,110 @@ def _diffusers_parts(path: str, meta: bool) -> dict:
     text_sd = diffusers_layout.text_state_dict(
         _component_weights(os.path.join(path, "text_encoder"), meta))
     scheduler = os.path.join(path, "scheduler", "scheduler_config.json")
-    metadata = _read_json(scheduler) if os.path.isfile(scheduler) else {}
-    return dict(
-        unet=(unet_sd, unet_config), vae=(vae_sd, vae_config), text=(text_sd, text_config),
-        # the tokenizer's own pad token (SD 1: <|endoftext|>, SD 2: "!", id 0)
-        pad_token_id=None, family=family,
-        metadata={"prediction_type": metadata.get("prediction_type")},
-        # diffusers pipelines default to sample_size latents, times the VAE factor
-        image_size=unet_json.get("sample_size", 0) * 2 ** (len(vae_config.ch_mult) - 1) or None,
-        decided_by={"family": family_rule, "unet_config": "diffusers unet/config.json; " +
-                    heads_rule, "vae_config": "diffusers vae/config.json",
-                    "text_config": "diffusers text_encoder/config.json"})
+    scheduler_config = _read_json(scheduler) if os.path.isfile(scheduler) else {}
+    decided = {"family": family_rule,
+               "unet_config": "diffusers unet/config.json; " + heads_rule,
+               "vae_config": "diffusers vae/config.json",
+               "text_config": "diffusers text_encoder/config.json"}
+    # diffusers pipelines default to sample_size latents, times the VAE factor
+    image_size = unet_json.get("sample_size", 0) * 2 ** (len(vae_config.ch_mult) - 1) or None
+    if image_size:
+        decided["image_size"] = "diffusers unet sample_size"
+    return Parts(family=family, unet=unet_sd, unet_config=unet_config, vae=vae_sd,
+                 vae_config=vae_config, text=text_sd, text_config=text_config,
+                 decided_by=decided,
+                 metadata={"prediction_type": scheduler_config.get("prediction_type")},
+                 image_size=image_size, pad_as_tokenizer=True)
 
 
 # ----------------------------------------------------------------------------- single files
 
-def _single_file_parts(path: str, meta: bool) -> dict:
+def _single_file_parts(path: str, meta: bool) -> Parts:
+    """Our own files load back exactly from the config in their metadata; other files get
+    configs from shapes and the family's conventions."""
     state_dict, metadata = read_single_file(path, meta)
     try:
         family, family_rule = detect_family(state_dict)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    stored = {}
-    if METADATA_KEY in metadata:
-        try:
-            stored = json.loads(metadata[METADATA_KEY])
-            family, family_rule = stored["family"], f"file metadata ({METADATA_KEY})"
-            unet_config, vae_config = UNetConfig(**stored["unet"]), VAEConfig(**stored["vae"])
-            text_config = CLIPTextConfig(**stored["text"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: corrupt {METADATA_KEY} metadata ({type(e).__name__}: "
-                                  f"{e})") from None
+    stored, configs = _stored_config(path, metadata)
+    if stored:
+        family, family_rule = stored["family"], f"file metadata ({METADATA_KEY})"
+    # our own files (metadata) hold exactly the text layers used; real SD 2 files one more
+    layers = stored["text"]["num_hidden_layers"] if stored else None
+    unet_sd, vae_sd, text_sd = _components(path, state_dict, family, layers)
+    decided = {"family": family_rule, **_ignored_keys(state_dict)}
+    if stored:
+        decided.update(dict.fromkeys(("unet_config", "vae_config", "text_config"),
+                                     f"file metadata ({METADATA_KEY})"))
+        if stored.get("image_size"):
+            decided["image_size"] = "file metadata"
+    else:
+        configs, rules = _configs_from_shapes(path, unet_sd, vae_sd, text_sd, family)
+        decided.update(rules)
+    return Parts(family=family, unet=unet_sd, unet_config=configs[0], vae=vae_sd,
+                 vae_config=configs[1], text=text_sd, text_config=configs[2],
+                 decided_by=decided, metadata={**metadata, **stored},
+                 yaml_path=os.path.splitext(path)[0] + ".yaml",
+                 image_size=stored.get("image_size"), pad_token_id=stored.get("pad_token_id"))
+
+
+def _components(path: str, state_dict: dict, family: str, text_layers: int | None
+                ) -> tuple[dict, dict, dict]:
+    """(UNet, VAE, text encoder) state dicts of a single file: prefixes stripped, the text
+    encoder in CLIPTextModel names with its first `text_layers` blocks (None: ldm.text's rule)."""
     unet_sd = {k[len(UNET_PREFIX):]: v for k, v in state_dict.items() if k.startswith(UNET_PREFIX)}
     # (some VAE checkpoints keep their training loss, LPIPS and discriminator, under loss.*)
     vae_sd = {k[len(VAE_PREFIX):]: v for k, v in state_dict.items() if k.startswith(VAE_PREFIX)
               and not k.startswith(VAE_PREFIX + "loss.")}
-    # our own files (metadata) hold exactly the text layers used; real SD 2 files one more
-    layers = stored["text"]["num_hidden_layers"] if stored else None
     try:
-        text_sd = ldm_text.hf_text_state_dict(state_dict, family, num_layers=layers)
+        text_sd = ldm_text.hf_text_state_dict(state_dict, family, num_layers=text_layers)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    decided = {"family": family_rule}
+    return unet_sd, vae_sd, text_sd
+
+
+def _configs_from_shapes(path: str, unet_sd: dict, vae_sd: dict, text_sd: dict, family: str
+                         ) -> tuple[tuple, dict[str, str]]:
+    """((UNet, VAE, text configs), their decided_by rules) for a file without our metadata."""
+    try:
+        unet_config, unet_rule = unet_config_from_state_dict(unet_sd, family)
+        vae_config = vae_config_from_state_dict(vae_sd, family)
+        text_config = ldm_text.text_config_from_state_dict(text_sd, family)
+    except KeyError as e:
+        raise CheckpointError(f"{path}: incomplete checkpoint (no {e.args[0]})") from None
+    rules = {"unet_config": unet_rule,
+             "vae_config": f"shapes; latent scale {vae_config.scale_factor} by convention",
+             "text_config": "shapes; 64-channel heads by convention"}
+    return (unet_config, vae_config, text_config), rules
+
+
+def _stored_config(path: str, metadata: dict) -> tuple[dict, tuple | None]:
+    """(the full config our own files carry (save_single_file), (UNet, VAE, text configs) built
+    from it), or ({}, None) for other files."""
+    if METADATA_KEY not in metadata:
+        return {}, None
+    try:
+        stored = json.loads(metadata[METADATA_KEY])
+        family_named(stored["family"])
+        return stored, (UNetConfig(**stored["unet"]), VAEConfig(**stored["vae"]),
+                        CLIPTextConfig(**stored["text"]))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: corrupt {METADATA_KEY} metadata ({type(e).__name__}: "
+                              f"{e})") from None
+
+
+def _ignored_keys(state_dict: dict) -> dict[str, str]:
+    """decided_by entries for the keys a single file holds beyond UNet, VAE and text encoder."""
     ignored = [k for k in state_dict if not k.startswith((UNET_PREFIX, VAE_PREFIX,
                                                           "cond_stage_model."))]
     ema = sum(k.startswith("model_ema.") for k in ignored)
-    decided["weights"] = "model.diffusion_model.*" + (
-        f" (the non-EMA weights; {ema} model_ema.* keys ignored)" if ema else "")
+    decided = {"weights": "model.diffusion_model.*" + (
+        f" (the non-EMA weights; {ema} model_ema.* keys ignored)" if ema else "")}
     if len(ignored) > ema:
         decided["ignored"] = f"{len(ignored) - ema} other keys (e.g. " + \
             ", ".join([k for k in ignored if not k.startswith("model_ema.")][:3]) + ")"
-    if stored:
-        for part in ("unet_config", "vae_config", "text_config"):
-            decided[part] = f"file metadata ({METADATA_KEY})"
-    else:
-        try:
-            unet_config, decided["unet_config"] = unet_config_from_state_dict(unet_sd, family)
-            vae_config = vae_config_from_state_dict(vae_sd, family)
-            text_config = ldm_text.text_config_from_state_dict(text_sd, family)
-        except KeyError as e:
-            raise CheckpointError(f"{path}: incomplete checkpoint (no {e.args[0]})") from None
-        decided["vae_config"] = f"shapes; latent scale {vae_config.scale_factor} by convention"
-        decided["text_config"] = "shapes; 64-channel heads by convention"
-    yaml_path = os.path.splitext(path)[0] + ".yaml"
-    return dict(unet=(unet_sd, unet_config), vae=(vae_sd, vae_config), text=(text_sd, text_config),
-                pad_token_id=stored.get("pad_token_id",
-                                        "eos" if FAMILIES[family].pads_with_eos else 0),
-                family=family, metadata={**metadata, **stored}, decided_by=decided,
-                yaml_path=yaml_path, image_size=stored.get("image_size"))
+    return decided
 
 
 # ----------------------------------------------------------------------------- loading
@@ -222,6 +279,18 @@ def _find_tokenizer(path: str, tokenizer_dir: str | None, required: bool):
         if required:
             raise CheckpointError(str(e)) from None
         return None, f"none found ({e})"
+
+
+def _pad_token_id(parts: Parts, tokenizer) -> tuple[int, str]:
+    """(the id prompts are padded with, rule): the id our own file was saved with; a diffusers
+    folder's tokenizer's own pad token (what diffusers pipelines pad with); else the family's
+    rule (SD 1: <|endoftext|>, SD 2: id 0), also for a folder inspected without a tokenizer."""
+    if parts.pad_token_id is not None:
+        return parts.pad_token_id, f"file metadata ({METADATA_KEY})"
+    if parts.pad_as_tokenizer and tokenizer is not None:
+        return tokenizer.pad_token_id, "the diffusers tokenizer's pad token"
+    eos = tokenizer.eos_token_id if tokenizer is not None else parts.text_config.eos_token_id
+    return FAMILIES[parts.family].pad_token_id(eos), "convention: " + FAMILIES[parts.family].pad_rule
 
 
 def _load_strict(module: torch.nn.Module, state_dict: dict, what: str, dtype, device) -> None:
@@ -261,40 +330,35 @@ def load(path: str = DEFAULT_MODEL, tokenizer_dir: str | None = None,
         raise CheckpointError(f"{path}: no such file (the bundled toy model; python -m "
                               "train.pretrain builds it)")
     meta = torch.device(device).type == "meta"
-    folder = is_diffusers_folder(path)
-    parts = _diffusers_parts(path, meta) if folder else _single_file_parts(path, meta)
-    family, decided = parts["family"], parts["decided_by"]
+    parts = _diffusers_parts(path, meta) if is_diffusers_folder(path) else \
+        _single_file_parts(path, meta)
+    decided = parts.decided_by
     prediction, decided["prediction_type"] = decide_prediction_type(
-        family, prediction_type, parts["metadata"], parts.get("yaml_path"),
-        parts["metadata"].get("global_step"))
-    image_size = parts.get("image_size")
-    if image_size:
-        decided["image_size"] = "diffusers unet sample_size" if folder else "file metadata"
-    else:
-        image_size, decided["image_size"] = FAMILIES[family].default_image_size(prediction)
+        parts.family, prediction_type, parts.metadata, parts.yaml_path,
+        parts.metadata.get("global_step"))
+    image_size = parts.image_size
+    if image_size is None:
+        image_size, decided["image_size"] = FAMILIES[parts.family].default_image_size(prediction)
     tokenizer, decided["tokenizer"] = _find_tokenizer(path, tokenizer_dir, required=not meta)
-    (unet_sd, unet_config), (vae_sd, vae_config) = parts["unet"], parts["vae"]
-    text_sd, text_config = parts["text"]
-    pad = parts["pad_token_id"]  # None: the tokenizer's; "eos": SD 1 pads with <|endoftext|>
-    if pad == "eos" or (pad is None and tokenizer is None):
-        pad = tokenizer.eos_token_id if tokenizer is not None else text_config.eos_token_id
+    pad, decided["pad_token"] = _pad_token_id(parts, tokenizer)
     try:
         with torch.device("meta"):  # no memory, no random init: every tensor comes from the file
-            unet, vae = UNetModel(unet_config), AutoencoderKL(vae_config)
-            text_encoder = ldm_text.TextEncoder(text_config, tokenizer, pad_token_id=pad)
+            unet, vae = UNetModel(parts.unet_config), AutoencoderKL(parts.vae_config)
+            text_encoder = ldm_text.TextEncoder(parts.text_config, tokenizer, pad_token_id=pad)
     except (ValueError, RuntimeError) as e:  # e.g. widths GroupNorm(32) cannot split
         raise CheckpointError(f"{path}: its config does not build an SD model ({e})") from None
     try:
-        _load_strict(unet, unet_sd, "UNet", dtype, device)
-        _load_strict(vae, vae_sd, "VAE", dtype, device)
-        _load_strict(text_encoder.transformer, text_sd, "text encoder", dtype, device)
+        _load_strict(unet, parts.unet, "UNet", dtype, device)
+        _load_strict(vae, parts.vae, "VAE", dtype, device)
+        _load_strict(text_encoder.transformer, parts.text, "text encoder", dtype, device)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
     for module in (unet, vae, text_encoder):
         _rebuild_buffers(module, meta)
     model = StableDiffusion(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(),
-                            schedule=NoiseSchedule(), family=family, prediction_type=prediction,
-                            decided_by=decided, source=path, image_size=image_size)
+                            schedule=NoiseSchedule(), family=parts.family,
+                            prediction_type=prediction, decided_by=decided, source=path,
+                            image_size=image_size)
     return model if meta else model.to(device)
 
 

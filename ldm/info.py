@@ -64,8 +64,9 @@ def describe(path: str, tokenizer_dir: str | None = None,
                 f"z_channels {vae.z_channels}, scale_factor {vae.scale_factor}   <- "
                 f"{why['vae_config']}"),
         ("text", f"CLIP {text.hidden_size} wide, {text.num_hidden_layers} layers, "
-                 f"{text.num_attention_heads} heads, {text.hidden_act}, vocab {text.vocab_size}, "
-                 f"pad id {model.text_encoder.pad_token_id}   <- {why['text_config']}"),
+                 f"{text.num_attention_heads} heads, {text.hidden_act}, vocab {text.vocab_size}"
+                 f"   <- {why['text_config']}"),
+        ("pad token", f"id {model.text_encoder.pad_token_id}   <- {why['pad_token']}"),
         ("tokenizer", why["tokenizer"]),
     ]
     rows += [(key, why[key]) for key in ("weights", "ignored") if key in why]

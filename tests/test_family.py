@@ -147,6 +147,7 @@ def test_tiny_model_keeps_its_family_conventions(family, tmp_path):
     # the bare file's rules name the family they came from
     rules = loaded.decided_by
     assert family.display_name in rules["family"] and family.heads_rule in rules["unet_config"]
+    assert rules["pad_token"] == "convention: " + family.pad_rule
 
 
 def test_unknown_family_is_refused_by_name():
