@@ -14,7 +14,7 @@ from ldm.family import FAMILIES
 from ldm.text import TextEncoder, compvis_text_state_dict
 from ldm.unet import UNetConfig, UNetModel
 from ldm.vae import AutoencoderKL, VAEConfig
-from test_checkpoint import bad_files
+from test_checkpoint_refusals import bad_files
 from tiny import tiny_model
 
 
