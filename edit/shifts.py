@@ -13,7 +13,6 @@ exactly what the base model costs.
 import torch
 
 import spectral
-from ldm import checkpoint
 from ldm.model import StableDiffusion
 
 
@@ -28,17 +27,10 @@ def parse_shift(text: str) -> tuple[str, float]:
         return text, 1.0  # a ':' inside the path itself (e.g. C:\...), no weight given
 
 
-def fingerprint(model: StableDiffusion) -> str:
-    """Identifies the base weights shifts are trained on and apply to (UNet and text encoder)."""
-    state = {f"unet.{k}": v for k, v in model.unet.state_dict().items()}
-    state.update({f"text.{k}": v for k, v in model.text_encoder.state_dict().items()})
-    return checkpoint.fingerprint(state)
-
-
 def combined_deltas(model: StableDiffusion, shifts: list[tuple[str, float]]) -> dict[str, torch.Tensor]:
     """sum_i w_i delta_i over the files, each checked against this base model's fingerprint
     (a file trained on another base is refused with spectral.ShiftFileError)."""
-    base = fingerprint(model)
+    base = model.base_fingerprint()
     weighted = []
     for path, weight in shifts:
         deltas, _ = spectral.load_shifts(path, expect_fingerprint=base)

@@ -1,23 +1,19 @@
 """Read and write Stable Diffusion checkpoints: single files and diffusers folders.
 
-Single file (`.safetensors`, `.ckpt`), the CompVis / A1111 / ComfyUI layout:
-
-    model.diffusion_model.*                 UNet        -> ldm.unet.UNetModel  (same names)
-    first_stage_model.*                     VAE         -> ldm.vae.AutoencoderKL (same names)
-    cond_stage_model.transformer.*          SD 1 text   (HF CLIP names)   -> ldm.text
-    cond_stage_model.model.*                SD 2 text   (OpenCLIP names)  -> ldm.text
-    model_ema.*                             EMA copy of the UNet: ignored (see below)
-
-`.ckpt` files are pickles and are read with `torch.load(weights_only=True)` only: a pickle that
-needs anything but tensors and plain containers (code, objects) is refused, never unpickled
+Single file (`.safetensors`, `.ckpt`), the CompVis / A1111 / ComfyUI layout: UNet, VAE and text
+encoder under their prefixes (ldm/compvis_layout.py), `model_ema.*` ignored (see below). `.ckpt`
+files are pickles and are read with `torch.load(weights_only=True)` only: a pickle that needs
+anything but tensors and plain containers (code, objects) is refused, never unpickled
 (ldm/files.py reads the files).
 
 Diffusers folders (unet/ vae/ text_encoder/ tokenizer/ [scheduler/]) are renamed to the
-CompVis names by the explicit rules of `diffusers_unet_name_to_compvis` and
-`diffusers_vae_name_to_compvis`; diffusers itself is never imported.
+CompVis names by the explicit rules of ldm/diffusers_layout.py; diffusers itself is never
+imported.
 
-Everything that cannot be read from tensor shapes is decided by a rule, and `decided_by` on
-the returned model says which one (family, configs, heads, prediction type, tokenizer, ...).
+Both become `Parts` (CompVis-named weights and configs), then one strict load builds the model.
+Everything that cannot be read from tensor shapes is decided by a rule, mostly the family's
+convention (ldm/family.py), and `decided_by` on the returned model says which one (family,
+configs, heads, prediction type, image size, tokenizer, pad token, ...).
 
 EMA: CompVis training checkpoints hold both the trained weights (`model.diffusion_model.*`)
 and an EMA copy (`model_ema.*`, names with the dots removed). We load `model.diffusion_model.*`,
@@ -25,18 +21,20 @@ which is what the CompVis inference configs (use_ema: False) and diffusers' conv
 extract_ema) use; released "-ema-only" files already hold EMA weights there.
 """
 
-import hashlib
 import json
 import os
 import re
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 
 import torch
 from transformers import CLIPTextConfig
 
 from ldm import diffusers_layout
 from ldm import text as ldm_text
+from ldm.compvis_layout import (UNET_PREFIX, VAE_PREFIX, detect_family,  # noqa: F401 (API)
+                                unet_config_from_state_dict, vae_config_from_state_dict)
 from ldm.diffusers_layout import diffusers_unet_name_to_compvis  # noqa: F401 (API)
+from ldm.family import FAMILIES, SUPPORTED, family_named
 from ldm.files import CheckpointError, file_format, read_single_file  # noqa: F401 (API)
 from ldm.model import StableDiffusion
 from ldm.schedule import PREDICTION_TYPES, NoiseSchedule
@@ -45,66 +43,28 @@ from ldm.vae import AutoencoderKL, VAEConfig
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                              "weights", "toy-sd.safetensors")
-UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
-SD1_TEXT_PREFIX = "cond_stage_model.transformer."
-SD2_TEXT_PREFIX = "cond_stage_model.model."
 METADATA_KEY = "svdiff_config"
 
 
-# ----------------------------------------------------------------------------- what is it?
+@dataclass
+class Parts:
+    """A checkpoint read into CompVis-named weights and their configs, before any module is
+    built. What the files may leave open (prediction type, image size, pad token) `load` decides."""
 
-def detect_family(state_dict: dict) -> tuple[str, str]:
-    """("sd1" | "sd2", the rule that decided), or CheckpointError naming what was found instead.
-    state_dict: single-file (CompVis) names."""
-    keys = list(state_dict)
-
-    def has(prefix):
-        return any(k.startswith(prefix) for k in keys)
-
-    lora = [k for k in keys if re.search(r"(^|[._])lora[._]|lora_(up|down|A|B)\b", k)]
-    if lora:
-        raise CheckpointError(f"a LoRA file ({len(lora)} LoRA keys such as {lora[0]!r}), not a "
-                              "base model")
-    if has("conditioner.embedders."):
-        raise CheckpointError("an SDXL checkpoint (conditioner.embedders.* keys); only SD 1.x and "
-                              "2.x are supported")
-    if has("control_model."):
-        raise CheckpointError("a ControlNet (control_model.* keys), not a base model")
-    if has("embedder.") or has("noise_augmentor.") or has(UNET_PREFIX + "label_emb."):
-        raise CheckpointError("an image/class-conditioned UNet (unCLIP or SDXL: label_emb / "
-                              "embedder keys); only SD 1.x and 2.x text-to-image are supported")
-    if not has(UNET_PREFIX):
-        if "conv_in.weight" in state_dict and has("down_blocks."):
-            what = "a diffusers UNet weights file alone (load the whole diffusers folder instead)"
-        elif has("encoder.conv_in.") or (has(VAE_PREFIX) and not has("cond_stage_model.")):
-            what = "a VAE-only file"
-        elif has("cond_stage_model.") or has("text_model.") or has("embeddings.token_embedding"):
-            what = "a text-encoder-only file"
-        elif has("string_to_param") or has("emb_params"):
-            what = "a textual-inversion embedding"
-        else:
-            what = "no Stable Diffusion UNet keys (model.diffusion_model.*); first keys: " + \
-                   ", ".join(keys[:3])
-        raise CheckpointError(what)
-    in_channels = state_dict[UNET_PREFIX + "input_blocks.0.0.weight"].shape[1]
-    special = {9: "an inpainting model", 5: "a depth-conditioned model", 7: "an upscaler",
-               8: "an InstructPix2Pix model"}
-    if in_channels != 4:
-        raise CheckpointError(f"{special.get(in_channels, 'an unsupported UNet')} (UNet "
-                              f"in_channels {in_channels}, text-to-image models have 4)")
-    if not has(VAE_PREFIX):
-        raise CheckpointError("a UNet without its VAE (no first_stage_model.* keys)")
-    context = next((v.shape[1] for k, v in state_dict.items() if k.endswith("attn2.to_k.weight")),
-                   None)
-    if has(SD1_TEXT_PREFIX):
-        family, text = "sd1", "HF CLIP text keys (cond_stage_model.transformer.*)"
-    elif has(SD2_TEXT_PREFIX):
-        family, text = "sd2", "OpenCLIP text keys (cond_stage_model.model.*)"
-    else:
-        raise CheckpointError("a UNet and VAE without a text encoder (no cond_stage_model.* keys)")
-    name = {"sd1": "SD 1.x", "sd2": "SD 2.x"}[family]
-    return family, f"{text} and context_dim {context} -> {name}"
+    family: str                     # a key of ldm.family.FAMILIES
+    unet: dict                      # UNetModel state dict
+    unet_config: UNetConfig
+    vae: dict                       # AutoencoderKL state dict
+    vae_config: VAEConfig
+    text: dict                      # CLIPTextModel state dict (transformers 5 names)
+    text_config: CLIPTextConfig
+    decided_by: dict[str, str]      # what -> the rule that decided it, so far
+    # what the prediction-type rules read: file metadata (ours, ModelSpec's), a .ckpt's global_step
+    metadata: dict = field(default_factory=dict)
+    yaml_path: str | None = None    # where a CompVis yaml beside a single file would be
+    image_size: int | None = None   # stored in the file (decided_by says where); None: convention
+    pad_token_id: int | None = None  # stored in our own files: the id the model was saved with
+    pad_as_tokenizer: bool = False  # diffusers folders: pad as their tokenizer (as pipelines do)
 
 
 def decide_prediction_type(family: str, explicit: str | None = None, metadata: dict | None = None,
@@ -112,9 +72,9 @@ def decide_prediction_type(family: str, explicit: str | None = None, metadata: d
                            ) -> tuple[str, str]:
     """(prediction type, rule). Order: the explicit argument; file metadata (ours, or ModelSpec's
     "modelspec.prediction_type"); a CompVis yaml beside the file ("parameterization: v", the
-    A1111 convention); the training step of an SD 2 .ckpt (875000 is SD 2.x 512-base, eps;
-    diffusers' rule); else the family convention: SD 1.x eps; SD 2.x v, as the 768-v models are
-    (SD 2 512-base users pass --prediction-type epsilon)."""
+    A1111 convention); a .ckpt's training step where it tells the family's releases apart (SD 2:
+    875000 is 512-base, eps; diffusers' rule); else the family convention: SD 1.x eps; SD 2.x v,
+    as the 768-v models are (SD 2 512-base users pass --prediction-type epsilon)."""
     if explicit is not None:
         _check_prediction_type(explicit)
         return explicit, "given explicitly"
@@ -128,13 +88,13 @@ def decide_prediction_type(family: str, explicit: str | None = None, metadata: d
         with open(yaml_path, errors="replace") as f:
             v = re.search(r"^\s*parameterization:\s*['\"]?v['\"]?\s*$", f.read(), re.M)
         return ("v_prediction" if v else "epsilon"), f"parameterization in {yaml_path}"
-    if family == "sd2" and global_step is not None:
-        pt = "epsilon" if global_step == 875000 else "v_prediction"
-        return pt, f"SD 2 .ckpt global_step {global_step} (875000 = 512-base eps, else 768-v)"
-    if family == "sd1":
-        return "epsilon", "convention: SD 1.x predicts noise"
-    return "v_prediction", ("convention: SD 2.x 768-v models predict v (pass --prediction-type "
-                            "epsilon for SD 2 512-base)")
+    conventions = family_named(family)
+    if conventions.epsilon_checkpoint is not None and global_step is not None:
+        step, release = conventions.epsilon_checkpoint
+        found = "epsilon" if global_step == step else conventions.prediction_type
+        return found, (f"{conventions.display_name} .ckpt global_step {global_step} ({step}: "
+                       f"{release}, epsilon; other steps: {conventions.prediction_type})")
+    return conventions.prediction_type, "convention: " + conventions.prediction_note
 
 
 def _check_prediction_type(value: str) -> str:
@@ -142,62 +102,6 @@ def _check_prediction_type(value: str) -> str:
         raise CheckpointError(f"prediction type must be one of {', '.join(PREDICTION_TYPES)}, "
                               f"got {value!r}")
     return value
-
-
-# ----------------------------------------------------------------------------- configs from shapes
-
-def _indices(keys, prefix: str) -> list[int]:
-    """Sorted distinct integers N of keys 'prefix.N.…'."""
-    pattern = re.compile(re.escape(prefix) + r"\.(\d+)\.")
-    return sorted({int(m.group(1)) for k in keys if (m := pattern.match(k))})
-
-
-def unet_config_from_state_dict(sd: dict, family: str) -> tuple[UNetConfig, str]:
-    """UNetConfig from the shapes of a (prefix-stripped) CompVis UNet state dict; the heads
-    follow the family convention (SD 1: 8 heads, SD 2: 64 channels per head)."""
-    first = sd["input_blocks.0.0.weight"]  # (model_channels, in_channels, 3, 3)
-    ch = first.shape[0]
-    blocks = _indices(sd, "input_blocks")
-    downsamples = [i for i in blocks if f"input_blocks.{i}.0.op.weight" in sd]
-    num_res_blocks = (downsamples[0] if downsamples else len(blocks)) - 1
-    levels = len(blocks) // (num_res_blocks + 1)
-    channel_mult, attention_resolutions, depths = [], [], set()
-    for level in range(levels):
-        first_block = 1 + level * (num_res_blocks + 1)
-        channel_mult.append(sd[f"input_blocks.{first_block}.0.out_layers.3.weight"].shape[0] // ch)
-        if f"input_blocks.{first_block}.1.norm.weight" in sd:
-            attention_resolutions.append(2 ** level)
-            depths.add(len(_indices(sd, f"input_blocks.{first_block}.1.transformer_blocks")))
-    depths.add(len(_indices(sd, "middle_block.1.transformer_blocks")))
-    if len(depths) != 1:
-        raise CheckpointError(f"transformer depth differs between levels ({sorted(depths)}): "
-                              "not an SD 1.x / 2.x UNet")
-    heads = dict(num_heads=8) if family == "sd1" else dict(num_heads=-1, num_head_channels=64)
-    config = UNetConfig(
-        in_channels=first.shape[1], out_channels=sd["out.2.weight"].shape[0], model_channels=ch,
-        attention_resolutions=tuple(reversed(attention_resolutions)), num_res_blocks=num_res_blocks,
-        channel_mult=tuple(channel_mult), context_dim=sd["middle_block.1.transformer_blocks.0"
-                                                         ".attn2.to_k.weight"].shape[1],
-        use_linear_in_transformer=sd["middle_block.1.proj_in.weight"].ndim == 2,
-        transformer_depth=depths.pop(), upcast_attention=family == "sd2", **heads)
-    rule = "shapes; heads by convention: " + ("SD 1.x 8 heads" if family == "sd1" else
-                                              "SD 2.x 64 channels per head, fp32 attention")
-    return config, rule
-
-
-def vae_config_from_state_dict(sd: dict) -> VAEConfig:
-    """VAEConfig from the shapes of a (prefix-stripped) CompVis VAE state dict; the latent
-    scale is SD's 0.18215 and attention inside levels assumes CompVis' resolution 256."""
-    ch = sd["encoder.conv_in.weight"].shape[0]
-    levels = _indices(sd, "encoder.down")
-    ch_mult = tuple(sd[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // ch for i in levels)
-    attn = tuple(256 // 2 ** i for i in levels if f"encoder.down.{i}.attn.0.norm.weight" in sd)
-    return VAEConfig(embed_dim=sd["post_quant_conv.weight"].shape[1],
-                     z_channels=sd["decoder.conv_in.weight"].shape[1], resolution=256,
-                     in_channels=sd["encoder.conv_in.weight"].shape[1],
-                     out_ch=sd["decoder.conv_out.weight"].shape[0], ch=ch, ch_mult=ch_mult,
-                     num_res_blocks=len(_indices(sd, "encoder.down.0.block")),
-                     attn_resolutions=attn)
 
 
 # ----------------------------------------------------------------------------- diffusers folders
@@ -228,21 +132,22 @@ def _component_weights(folder: str, meta: bool) -> dict:
                           "model.safetensors or a .bin)")
 
 
-def _diffusers_parts(path: str, meta: bool) -> dict:
+def _diffusers_parts(path: str, meta: bool) -> Parts:
     for part in ("unet", "vae", "text_encoder"):
         if not os.path.isfile(os.path.join(path, part, "config.json")):
             raise CheckpointError(f"{path}: a diffusers folder without {part}/config.json (only "
-                                  "SD 1.x / 2.x pipelines with unet, vae, text_encoder load)")
+                                  f"{SUPPORTED} pipelines with unet, vae, text_encoder load)")
     unet_json = _read_json(os.path.join(path, "unet", "config.json"))
     try:
         unet_config, heads_rule = diffusers_layout.unet_config(unet_json)
-        vae_config = diffusers_layout.vae_config(_read_json(os.path.join(path, "vae",
-                                                                         "config.json")))
         if unet_config.in_channels != 4:
             raise ValueError(f"UNet in_channels {unet_config.in_channels} (inpainting, depth, "
                              "pix2pix or upscaler); text-to-image models have 4")
         text_config = CLIPTextConfig(**_read_json(os.path.join(path, "text_encoder",
                                                                "config.json")))
+        family, family_rule = diffusers_layout.detect_family(unet_config, text_config.hidden_act)
+        vae_config = diffusers_layout.vae_config(
+            _read_json(os.path.join(path, "vae", "config.json")), FAMILIES[family].latent_scale)
         unet_sd = diffusers_layout.unet_state_dict(
             _component_weights(os.path.join(path, "unet"), meta), unet_config)
         vae_sd = diffusers_layout.vae_state_dict(
@@ -251,75 +156,111 @@ def _diffusers_parts(path: str, meta: bool) -> dict:
         raise CheckpointError(f"{path}: {e}") from None
     text_sd = diffusers_layout.text_state_dict(
         _component_weights(os.path.join(path, "text_encoder"), meta))
-    family, family_rule = diffusers_layout.family(unet_config, text_config.hidden_act)
     scheduler = os.path.join(path, "scheduler", "scheduler_config.json")
-    metadata = _read_json(scheduler) if os.path.isfile(scheduler) else {}
-    return dict(
-        unet=(unet_sd, unet_config), vae=(vae_sd, vae_config), text=(text_sd, text_config),
-        # the tokenizer's own pad token (SD 1: <|endoftext|>, SD 2: "!", id 0)
-        pad_token_id=None, family=family,
-        metadata={"prediction_type": metadata.get("prediction_type")},
-        # diffusers pipelines default to sample_size latents, times the VAE factor
-        image_size=unet_json.get("sample_size", 0) * 2 ** (len(vae_config.ch_mult) - 1) or None,
-        decided_by={"family": family_rule, "unet_config": "diffusers unet/config.json; " +
-                    heads_rule, "vae_config": "diffusers vae/config.json",
-                    "text_config": "diffusers text_encoder/config.json"})
+    scheduler_config = _read_json(scheduler) if os.path.isfile(scheduler) else {}
+    decided = {"family": family_rule,
+               "unet_config": "diffusers unet/config.json; " + heads_rule,
+               "vae_config": "diffusers vae/config.json",
+               "text_config": "diffusers text_encoder/config.json"}
+    # diffusers pipelines default to sample_size latents, times the VAE factor
+    image_size = unet_json.get("sample_size", 0) * 2 ** (len(vae_config.ch_mult) - 1) or None
+    if image_size:
+        decided["image_size"] = "diffusers unet sample_size"
+    return Parts(family=family, unet=unet_sd, unet_config=unet_config, vae=vae_sd,
+                 vae_config=vae_config, text=text_sd, text_config=text_config,
+                 decided_by=decided,
+                 metadata={"prediction_type": scheduler_config.get("prediction_type")},
+                 image_size=image_size, pad_as_tokenizer=True)
 
 
 # ----------------------------------------------------------------------------- single files
 
-def _single_file_parts(path: str, meta: bool) -> dict:
+def _single_file_parts(path: str, meta: bool) -> Parts:
+    """Our own files load back exactly from the config in their metadata; other files get
+    configs from shapes and the family's conventions."""
     state_dict, metadata = read_single_file(path, meta)
     try:
         family, family_rule = detect_family(state_dict)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    stored = {}
-    if METADATA_KEY in metadata:
-        try:
-            stored = json.loads(metadata[METADATA_KEY])
-            family, family_rule = stored["family"], f"file metadata ({METADATA_KEY})"
-            unet_config, vae_config = UNetConfig(**stored["unet"]), VAEConfig(**stored["vae"])
-            text_config = CLIPTextConfig(**stored["text"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: corrupt {METADATA_KEY} metadata ({type(e).__name__}: "
-                                  f"{e})") from None
+    stored, configs = _stored_config(path, metadata)
+    if stored:
+        family, family_rule = stored["family"], f"file metadata ({METADATA_KEY})"
+    # our own files (metadata) hold exactly the text layers used; real SD 2 files one more
+    layers = stored["text"]["num_hidden_layers"] if stored else None
+    unet_sd, vae_sd, text_sd = _components(path, state_dict, family, layers)
+    decided = {"family": family_rule, **_ignored_keys(state_dict)}
+    if stored:
+        decided.update(dict.fromkeys(("unet_config", "vae_config", "text_config"),
+                                     f"file metadata ({METADATA_KEY})"))
+        if stored.get("image_size"):
+            decided["image_size"] = "file metadata"
+    else:
+        configs, rules = _configs_from_shapes(path, unet_sd, vae_sd, text_sd, family)
+        decided.update(rules)
+    return Parts(family=family, unet=unet_sd, unet_config=configs[0], vae=vae_sd,
+                 vae_config=configs[1], text=text_sd, text_config=configs[2],
+                 decided_by=decided, metadata={**metadata, **stored},
+                 yaml_path=os.path.splitext(path)[0] + ".yaml",
+                 image_size=stored.get("image_size"), pad_token_id=stored.get("pad_token_id"))
+
+
+def _components(path: str, state_dict: dict, family: str, text_layers: int | None
+                ) -> tuple[dict, dict, dict]:
+    """(UNet, VAE, text encoder) state dicts of a single file: prefixes stripped, the text
+    encoder in CLIPTextModel names with its first `text_layers` blocks (None: ldm.text's rule)."""
     unet_sd = {k[len(UNET_PREFIX):]: v for k, v in state_dict.items() if k.startswith(UNET_PREFIX)}
     # (some VAE checkpoints keep their training loss, LPIPS and discriminator, under loss.*)
     vae_sd = {k[len(VAE_PREFIX):]: v for k, v in state_dict.items() if k.startswith(VAE_PREFIX)
               and not k.startswith(VAE_PREFIX + "loss.")}
-    # our own files (metadata) hold exactly the text layers used; real SD 2 files one more
-    layers = stored["text"]["num_hidden_layers"] if stored else None
     try:
-        text_sd = ldm_text.hf_text_state_dict(state_dict, family, num_layers=layers)
+        text_sd = ldm_text.hf_text_state_dict(state_dict, family, num_layers=text_layers)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    decided = {"family": family_rule}
+    return unet_sd, vae_sd, text_sd
+
+
+def _configs_from_shapes(path: str, unet_sd: dict, vae_sd: dict, text_sd: dict, family: str
+                         ) -> tuple[tuple, dict[str, str]]:
+    """((UNet, VAE, text configs), their decided_by rules) for a file without our metadata."""
+    try:
+        unet_config, unet_rule = unet_config_from_state_dict(unet_sd, family)
+        vae_config = vae_config_from_state_dict(vae_sd, family)
+        text_config = ldm_text.text_config_from_state_dict(text_sd, family)
+    except KeyError as e:
+        raise CheckpointError(f"{path}: incomplete checkpoint (no {e.args[0]})") from None
+    rules = {"unet_config": unet_rule,
+             "vae_config": f"shapes; latent scale {vae_config.scale_factor} by convention",
+             "text_config": "shapes; 64-channel heads by convention"}
+    return (unet_config, vae_config, text_config), rules
+
+
+def _stored_config(path: str, metadata: dict) -> tuple[dict, tuple | None]:
+    """(the full config our own files carry (save_single_file), (UNet, VAE, text configs) built
+    from it), or ({}, None) for other files."""
+    if METADATA_KEY not in metadata:
+        return {}, None
+    try:
+        stored = json.loads(metadata[METADATA_KEY])
+        family_named(stored["family"])
+        return stored, (UNetConfig(**stored["unet"]), VAEConfig(**stored["vae"]),
+                        CLIPTextConfig(**stored["text"]))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: corrupt {METADATA_KEY} metadata ({type(e).__name__}: "
+                              f"{e})") from None
+
+
+def _ignored_keys(state_dict: dict) -> dict[str, str]:
+    """decided_by entries for the keys a single file holds beyond UNet, VAE and text encoder."""
     ignored = [k for k in state_dict if not k.startswith((UNET_PREFIX, VAE_PREFIX,
                                                           "cond_stage_model."))]
     ema = sum(k.startswith("model_ema.") for k in ignored)
-    decided["weights"] = "model.diffusion_model.*" + (
-        f" (the non-EMA weights; {ema} model_ema.* keys ignored)" if ema else "")
+    decided = {"weights": "model.diffusion_model.*" + (
+        f" (the non-EMA weights; {ema} model_ema.* keys ignored)" if ema else "")}
     if len(ignored) > ema:
         decided["ignored"] = f"{len(ignored) - ema} other keys (e.g. " + \
             ", ".join([k for k in ignored if not k.startswith("model_ema.")][:3]) + ")"
-    if stored:
-        for part in ("unet_config", "vae_config", "text_config"):
-            decided[part] = f"file metadata ({METADATA_KEY})"
-    else:
-        try:
-            unet_config, decided["unet_config"] = unet_config_from_state_dict(unet_sd, family)
-            vae_config = vae_config_from_state_dict(vae_sd)
-            text_config = ldm_text.text_config_from_state_dict(text_sd, family)
-        except KeyError as e:
-            raise CheckpointError(f"{path}: incomplete checkpoint (no {e.args[0]})") from None
-        decided["vae_config"] = "shapes; latent scale 0.18215 by convention"
-        decided["text_config"] = "shapes; 64-channel heads by convention"
-    yaml_path = os.path.splitext(path)[0] + ".yaml"
-    return dict(unet=(unet_sd, unet_config), vae=(vae_sd, vae_config), text=(text_sd, text_config),
-                pad_token_id=stored.get("pad_token_id", "eos" if family == "sd1" else 0),
-                family=family, metadata={**metadata, **stored}, decided_by=decided,
-                yaml_path=yaml_path, image_size=stored.get("image_size"))
+    return decided
 
 
 # ----------------------------------------------------------------------------- loading
@@ -338,6 +279,18 @@ def _find_tokenizer(path: str, tokenizer_dir: str | None, required: bool):
         if required:
             raise CheckpointError(str(e)) from None
         return None, f"none found ({e})"
+
+
+def _pad_token_id(parts: Parts, tokenizer) -> tuple[int, str]:
+    """(the id prompts are padded with, rule): the id our own file was saved with; a diffusers
+    folder's tokenizer's own pad token (what diffusers pipelines pad with); else the family's
+    rule (SD 1: <|endoftext|>, SD 2: id 0), also for a folder inspected without a tokenizer."""
+    if parts.pad_token_id is not None:
+        return parts.pad_token_id, f"file metadata ({METADATA_KEY})"
+    if parts.pad_as_tokenizer and tokenizer is not None:
+        return tokenizer.pad_token_id, "the diffusers tokenizer's pad token"
+    eos = tokenizer.eos_token_id if tokenizer is not None else parts.text_config.eos_token_id
+    return FAMILIES[parts.family].pad_token_id(eos), "convention: " + FAMILIES[parts.family].pad_rule
 
 
 def _load_strict(module: torch.nn.Module, state_dict: dict, what: str, dtype, device) -> None:
@@ -377,40 +330,35 @@ def load(path: str = DEFAULT_MODEL, tokenizer_dir: str | None = None,
         raise CheckpointError(f"{path}: no such file (the bundled toy model; python -m "
                               "train.toy.pretrain builds it)")
     meta = torch.device(device).type == "meta"
-    folder = is_diffusers_folder(path)
-    parts = _diffusers_parts(path, meta) if folder else _single_file_parts(path, meta)
-    family, decided = parts["family"], parts["decided_by"]
+    parts = _diffusers_parts(path, meta) if is_diffusers_folder(path) else \
+        _single_file_parts(path, meta)
+    decided = parts.decided_by
     prediction, decided["prediction_type"] = decide_prediction_type(
-        family, prediction_type, parts["metadata"], parts.get("yaml_path"),
-        parts["metadata"].get("global_step"))
-    image_size = parts.get("image_size") or (768 if family == "sd2" and
-                                             prediction == "v_prediction" else 512)
-    decided["image_size"] = (("diffusers unet sample_size" if folder else "file metadata")
-                             if parts.get("image_size") else
-                             "convention: SD 2.x v-models 768, others 512")
+        parts.family, prediction_type, parts.metadata, parts.yaml_path,
+        parts.metadata.get("global_step"))
+    image_size = parts.image_size
+    if image_size is None:
+        image_size, decided["image_size"] = FAMILIES[parts.family].default_image_size(prediction)
     tokenizer, decided["tokenizer"] = _find_tokenizer(path, tokenizer_dir, required=not meta)
-    (unet_sd, unet_config), (vae_sd, vae_config) = parts["unet"], parts["vae"]
-    text_sd, text_config = parts["text"]
-    pad = parts["pad_token_id"]  # None: the tokenizer's; "eos": SD 1 pads with <|endoftext|>
-    if pad == "eos" or (pad is None and tokenizer is None):
-        pad = tokenizer.eos_token_id if tokenizer is not None else text_config.eos_token_id
+    pad, decided["pad_token"] = _pad_token_id(parts, tokenizer)
     try:
         with torch.device("meta"):  # no memory, no random init: every tensor comes from the file
-            unet, vae = UNetModel(unet_config), AutoencoderKL(vae_config)
-            text_encoder = ldm_text.TextEncoder(text_config, tokenizer, pad_token_id=pad)
+            unet, vae = UNetModel(parts.unet_config), AutoencoderKL(parts.vae_config)
+            text_encoder = ldm_text.TextEncoder(parts.text_config, tokenizer, pad_token_id=pad)
     except (ValueError, RuntimeError) as e:  # e.g. widths GroupNorm(32) cannot split
         raise CheckpointError(f"{path}: its config does not build an SD model ({e})") from None
     try:
-        _load_strict(unet, unet_sd, "UNet", dtype, device)
-        _load_strict(vae, vae_sd, "VAE", dtype, device)
-        _load_strict(text_encoder.transformer, text_sd, "text encoder", dtype, device)
+        _load_strict(unet, parts.unet, "UNet", dtype, device)
+        _load_strict(vae, parts.vae, "VAE", dtype, device)
+        _load_strict(text_encoder.transformer, parts.text, "text encoder", dtype, device)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
     for module in (unet, vae, text_encoder):
         _rebuild_buffers(module, meta)
     model = StableDiffusion(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(),
-                            schedule=NoiseSchedule(), family=family, prediction_type=prediction,
-                            decided_by=decided, source=path, image_size=image_size)
+                            schedule=NoiseSchedule(), family=parts.family,
+                            prediction_type=prediction, decided_by=decided, source=path,
+                            image_size=image_size)
     return model if meta else model.to(device)
 
 
@@ -444,18 +392,3 @@ def save_single_file(path: str, model: StableDiffusion,
                 **(extra_metadata or {})}
     from safetensors.torch import save_file
     save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, path, metadata)
-
-
-def fingerprint(state_dict: dict) -> str:
-    """Hex digest (blake2b, 128 bits) of names, shapes and up to 4096 evenly strided values per
-    tensor (as float32, so an fp16 and an fp32 load of one file agree). Reads ~16 KB per tensor,
-    so a 4 GB model takes a fraction of a second. Tells base models apart; not a tamper check."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name in sorted(state_dict):
-        tensor = state_dict[name].detach()
-        digest.update(f"{name}:{tuple(tensor.shape)};".encode())
-        flat = tensor.reshape(-1)
-        sample = flat[::max(1, flat.numel() // 4096)][:4096]
-        kind = torch.float32 if tensor.is_floating_point() else torch.int64
-        digest.update(sample.to("cpu", kind).contiguous().numpy().tobytes())
-    return digest.hexdigest()

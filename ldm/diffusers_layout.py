@@ -11,6 +11,7 @@ Errors are ValueError with a one-line message (the loader adds the path).
 
 import re
 
+from ldm.family import FAMILIES, SUPPORTED
 from ldm.unet import UNetConfig
 from ldm.vae import VAEConfig
 
@@ -113,8 +114,8 @@ def unet_config(cfg: dict) -> tuple[UNetConfig, str]:
     naming slip diffusers keeps for compatibility; "num_attention_heads" wins when set."""
     for key in ("class_embed_type", "addition_embed_type", "num_class_embeds", "encoder_hid_dim"):
         if cfg.get(key) is not None:
-            raise ValueError(f"a UNet with {key} = {cfg[key]!r} (SDXL / unCLIP style); only SD "
-                             "1.x and 2.x text-to-image are supported")
+            raise ValueError(f"a UNet with {key} = {cfg[key]!r} (SDXL / unCLIP style); supported: "
+                             f"{SUPPORTED} text-to-image")
     if cfg.get("norm_num_groups", 32) != 32:
         raise ValueError(f"UNet norm_num_groups {cfg['norm_num_groups']}; SD uses 32")
     widths = cfg["block_out_channels"]
@@ -123,7 +124,8 @@ def unet_config(cfg: dict) -> tuple[UNetConfig, str]:
         values = set(cfg.get(key, default) if isinstance(cfg.get(key), list)
                      else [cfg.get(key, default)])
         if len(values) != 1:
-            raise ValueError(f"{key} differs between levels ({cfg[key]}): not SD 1.x / 2.x")
+            raise ValueError(f"{key} differs between levels ({cfg[key]}): not a UNet of "
+                             f"{SUPPORTED}")
         per_level[key] = values.pop()
     heads = cfg.get("num_attention_heads") or cfg["attention_head_dim"]
     if isinstance(heads, int):
@@ -147,9 +149,10 @@ def unet_config(cfg: dict) -> tuple[UNetConfig, str]:
     return config, rule
 
 
-def vae_config(cfg: dict) -> VAEConfig:
+def vae_config(cfg: dict, latent_scale: float) -> VAEConfig:
     """VAEConfig from a diffusers vae/config.json (no attention inside levels, as diffusers'
-    AutoencoderKL has none; embed_dim = z_channels = latent_channels)."""
+    AutoencoderKL has none; embed_dim = z_channels = latent_channels); `latent_scale` (the
+    family's) unless the config has a scaling_factor."""
     if not cfg.get("use_quant_conv", True) or cfg.get("norm_num_groups", 32) != 32:
         raise ValueError("a VAE without quant convs or with norm_num_groups != 32: not SD's")
     widths = cfg["block_out_channels"]
@@ -157,7 +160,7 @@ def vae_config(cfg: dict) -> VAEConfig:
                      in_channels=cfg["in_channels"], out_ch=cfg["out_channels"], ch=widths[0],
                      ch_mult=tuple(w // widths[0] for w in widths),
                      num_res_blocks=cfg["layers_per_block"], attn_resolutions=(),
-                     scale_factor=cfg.get("scaling_factor", 0.18215))
+                     scale_factor=cfg.get("scaling_factor", latent_scale))
 
 
 def unet_state_dict(sd: dict, config: UNetConfig) -> dict:
@@ -180,14 +183,18 @@ def text_state_dict(sd: dict) -> dict:
             if not k.endswith("position_ids")}
 
 
-def family(config: UNetConfig, hidden_act: str) -> tuple[str, str]:
-    """("sd1" | "sd2", rule): context 768 is SD 1 (CLIP ViT-L), 1024 SD 2 (OpenCLIP ViT-H);
-    for other (tiny) widths the text activation tells the CLIP generation apart."""
-    if config.context_dim in (768, 1024):
-        name = "sd1" if config.context_dim == 768 else "sd2"
-        rule = f"diffusers folder, cross_attention_dim {config.context_dim}"
+def detect_family(config: UNetConfig, hidden_act: str) -> tuple[str, str]:
+    """(family name, rule): the family of that full-size context width (768: SD 1's CLIP ViT-L,
+    1024: SD 2's OpenCLIP ViT-H); for other (tiny) widths, the family of that text activation,
+    which tells the CLIP generations apart. ValueError when neither tells."""
+    for found in FAMILIES.values():
+        if found.context_dim == config.context_dim:
+            rule = f"cross_attention_dim {config.context_dim}"
+            break
     else:
-        name = "sd1" if hidden_act == "quick_gelu" else "sd2"
-        rule = f"diffusers folder, text hidden_act {hidden_act}"
-    return name, rule + " -> " + {"sd1": "SD 1.x", "sd2": "SD 2.x"}[name]
-
+        found = next((f for f in FAMILIES.values() if f.hidden_act == hidden_act), None)
+        rule = f"text hidden_act {hidden_act}"
+    if found is None:
+        raise ValueError(f"cross_attention_dim {config.context_dim} and text hidden_act "
+                         f"{hidden_act!r} match no family ({SUPPORTED})")
+    return found.name, f"diffusers folder, {rule} -> {found.display_name}"

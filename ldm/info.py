@@ -17,10 +17,9 @@ import sys
 from collections import Counter
 
 from ldm.checkpoint import CheckpointError, file_format, is_diffusers_folder, load
+from ldm.family import FAMILIES, SUPPORTED
 from ldm.schedule import PREDICTION_TYPES
 from ldm.text import TOKENIZER_FILES
-
-FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x"}
 
 
 def _size_on_disk(path: str) -> int:
@@ -45,13 +44,11 @@ def describe(path: str, tokenizer_dir: str | None = None,
                      for m in (model.unet, model.vae, model.text_encoder) for p in m.parameters())
     unet, vae = model.unet.config, model.vae.config
     text = model.text_encoder.transformer.config
-    heads = (f"{unet.num_heads} heads" if unet.num_heads != -1
-             else f"{unet.num_head_channels} channels per head")
     total = sum(sum(p.numel() for p in m.parameters())
                 for m in (model.unet, model.vae, model.text_encoder))
     rows = [
         ("file", f"{path} ({kind}, {_size_on_disk(path) / 2 ** 20:.1f} MiB)"),
-        ("family", f"{FAMILY_NAMES[model.family]}   <- {why['family']}"),
+        ("family", f"{FAMILIES[model.family].display_name}   <- {why['family']}"),
         ("prediction", f"{model.prediction_type}   <- {why['prediction_type']}"),
         ("image size", f"{model.image_size}   <- {why['image_size']}"),
         ("dtype", ", ".join(f"{d} ({n} tensors)" for d, n in dtypes.most_common())),
@@ -59,33 +56,43 @@ def describe(path: str, tokenizer_dir: str | None = None,
                        f"text {_millions(model.text_encoder)} | total {total / 1e6:.2f} M"),
         ("unet", f"model_channels {unet.model_channels}, channel_mult {unet.channel_mult}, "
                  f"num_res_blocks {unet.num_res_blocks}, attention_resolutions "
-                 f"{unet.attention_resolutions}, {heads}, context_dim {unet.context_dim}, "
+                 f"{unet.attention_resolutions}, {unet.heads_text()}, "
+                 f"context_dim {unet.context_dim}, "
                  f"{'linear' if unet.use_linear_in_transformer else 'conv'} proj, "
                  f"depth {unet.transformer_depth}   <- {why['unet_config']}"),
         ("vae", f"ch {vae.ch}, ch_mult {vae.ch_mult}, num_res_blocks {vae.num_res_blocks}, "
                 f"z_channels {vae.z_channels}, scale_factor {vae.scale_factor}   <- "
                 f"{why['vae_config']}"),
         ("text", f"CLIP {text.hidden_size} wide, {text.num_hidden_layers} layers, "
-                 f"{text.num_attention_heads} heads, {text.hidden_act}, vocab {text.vocab_size}, "
-                 f"pad id {model.text_encoder.pad_token_id}   <- {why['text_config']}"),
+                 f"{text.num_attention_heads} heads, {text.hidden_act}, vocab {text.vocab_size}"
+                 f"   <- {why['text_config']}"),
+        ("pad token", f"id {model.text_encoder.pad_token_id}   <- {why['pad_token']}"),
         ("tokenizer", why["tokenizer"]),
     ]
     rows += [(key, why[key]) for key in ("weights", "ignored") if key in why]
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of python -m ldm.info; every argument's help says its default."""
     parser = argparse.ArgumentParser(
         prog="python -m ldm.info", description=__doc__.split("\n\n")[0],
-        epilog="Supported: SD 1.x and 2.x text-to-image checkpoints (CompVis/A1111/ComfyUI "
-               "single files and diffusers folders). Exit status 2 on a file it refuses.")
-    parser.add_argument("path", help="a .safetensors / .ckpt file or a diffusers folder")
+        epilog=f"Supported: {SUPPORTED} text-to-image checkpoints (CompVis/A1111/ComfyUI single "
+               "files and diffusers folders). Exit status 2 on a file it refuses.")
+    parser.add_argument("path", help="a .safetensors / .ckpt file or a diffusers folder "
+                                     "(required, no default)")
     parser.add_argument("--tokenizer", metavar="DIR",
                         help=f"folder with {TOKENIZER_FILES} (default: tokenizer/ beside "
                              "the weights, else an installed CLIP BPE vocabulary)")
     parser.add_argument("--prediction-type", choices=PREDICTION_TYPES,
-                        help="override what the network predicts (default: decided by rule)")
-    args = parser.parse_args(argv)
+                        help="override what the network predicts (default: by rule: file "
+                             "metadata, a CompVis .yaml beside the file, a .ckpt's training step, "
+                             "else the family's convention; the output names the rule)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         rows = describe(args.path, args.tokenizer, args.prediction_type)
     except CheckpointError as e:

@@ -35,12 +35,11 @@ import torch
 import torch.nn as nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-FAMILIES = ("sd1", "sd2")
-SD1_PREFIX = "cond_stage_model.transformer."      # then optional "text_model.", then HF names
-SD2_PREFIX = "cond_stage_model.model."            # then OpenCLIP names
+from ldm.family import HF_CLIP, OPENCLIP, family_named
+from ldm.family import sd1_text_config, sd2_text_config  # noqa: F401 (API: each family's tower)
+
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"          # OpenAI CLIP's merges, shipped by open_clip / clip
 CLIP_MERGES = 49152 - 256 - 2                      # merges CLIP uses: vocab 49408 = 2 * 256 + merges + 2
-SD2_PAD_TOKEN_ID = 0                               # OpenCLIP pads with zeros ("!")
 
 
 class TokenizerNotFound(Exception):
@@ -48,22 +47,6 @@ class TokenizerNotFound(Exception):
 
 
 # --------------------------------------------------------------------------- configs
-
-def sd1_text_config() -> CLIPTextConfig:
-    """OpenAI CLIP ViT-L/14 text tower (SD 1.x): 123.1 M parameters."""
-    return CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
-                          num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
-                          hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=768,
-                          bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
-
-
-def sd2_text_config() -> CLIPTextConfig:
-    """OpenCLIP ViT-H/14 text tower (SD 2.x) with its last of 24 blocks dropped (see the module doc)."""
-    return CLIPTextConfig(vocab_size=49408, hidden_size=1024, intermediate_size=4096,
-                          num_hidden_layers=23, num_attention_heads=16, max_position_embeddings=77,
-                          hidden_act="gelu", layer_norm_eps=1e-5, projection_dim=1024,
-                          bos_token_id=49406, eos_token_id=49407, pad_token_id=SD2_PAD_TOKEN_ID)
-
 
 def text_config_from_state_dict(hf_state_dict: dict, family: str,
                                 num_attention_heads: int | None = None) -> CLIPTextConfig:
@@ -77,7 +60,7 @@ def text_config_from_state_dict(hf_state_dict: dict, family: str,
         num_attention_heads=num_attention_heads or width // 64,
         intermediate_size=hf_state_dict["encoder.layers.0.mlp.fc1.weight"].shape[0],
         max_position_embeddings=hf_state_dict["embeddings.position_embedding.weight"].shape[0],
-        hidden_act={"sd1": "quick_gelu", "sd2": "gelu"}[family], layer_norm_eps=1e-5,
+        hidden_act=family_named(family).hidden_act, layer_norm_eps=1e-5,
         # CLIP vocabularies end with <|startoftext|>, <|endoftext|> (only the pooled output reads these)
         bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1)
 
@@ -100,13 +83,11 @@ class TextEncoder(nn.Module):
 
     @classmethod
     def for_family(cls, family: str, tokenizer: CLIPTokenizer, config: CLIPTextConfig | None = None):
-        """The family's full-size config unless one is given, and its padding: SD 1 pads with
-        <|endoftext|>, SD 2 with id 0."""
-        if family not in FAMILIES:
-            raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
-        config = config or (sd1_text_config() if family == "sd1" else sd2_text_config())
-        pad = tokenizer.eos_token_id if family == "sd1" else SD2_PAD_TOKEN_ID
-        return cls(config, tokenizer, pad_token_id=pad)
+        """The family's full-size config unless one is given, and the family's padding (SD 1
+        pads with <|endoftext|>, SD 2 with id 0: ldm.family)."""
+        conventions = family_named(family)
+        config = config or conventions.text_config()
+        return cls(config, tokenizer, pad_token_id=conventions.pad_token_id(tokenizer.eos_token_id))
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         """LongTensor (B, max_length): <|startoftext|> ... <|endoftext|> then pad_token_id."""
@@ -147,22 +128,18 @@ def hf_text_state_dict(checkpoint_sd: dict, family: str, num_layers: int | None 
     By default that is the file's last block, which SD 2 never reads (module doc); files written
     by compvis_text_state_dict hold only the used blocks: pass the config's num_hidden_layers.
     """
-    if family == "sd1":
-        out = {}
-        for key, value in checkpoint_sd.items():
-            if key.startswith(SD1_PREFIX):
-                # SD 1 files carry "text_model." (transformers 4 names); transformers 5 has no such level
-                name = key[len(SD1_PREFIX):].removeprefix("text_model.")
-                if name != "embeddings.position_ids":
-                    out[name] = value
-    elif family == "sd2":
-        openclip = {k[len(SD2_PREFIX):]: v for k, v in checkpoint_sd.items() if k.startswith(SD2_PREFIX)}
-        out = _openclip_to_hf(openclip, num_layers) if openclip else {}
+    conventions = family_named(family)
+    prefix = conventions.text_prefix
+    own = {k[len(prefix):]: v for k, v in checkpoint_sd.items() if k.startswith(prefix)}
+    if conventions.text_encoder == OPENCLIP:
+        out = _openclip_to_hf(own, num_layers) if own else {}
     else:
-        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+        # SD 1 files carry "text_model." (transformers 4 names); transformers 5 has no such level
+        out = {name.removeprefix("text_model."): v for name, v in own.items()
+               if name.removeprefix("text_model.") != "embeddings.position_ids"}
     if not out:
-        raise ValueError(f"no {family} text encoder weights (keys starting with "
-                         f"{SD1_PREFIX if family == 'sd1' else SD2_PREFIX!r}) in the checkpoint")
+        raise ValueError(f"no {family} text encoder weights (keys starting with {prefix!r}) in "
+                         "the checkpoint")
     return out
 
 
@@ -196,24 +173,24 @@ def _openclip_to_hf(openclip: dict, num_layers: int | None) -> dict:
 def compvis_text_state_dict(encoder: TextEncoder, family: str) -> dict:
     """The inverse of hf_text_state_dict: the encoder's weights under CompVis checkpoint keys."""
     hf = encoder.transformer.state_dict()
-    if family == "sd1":
-        return {f"{SD1_PREFIX}text_model.{k}": v for k, v in hf.items()}
-    if family != "sd2":
-        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    conventions = family_named(family)
+    prefix = conventions.text_prefix
+    if conventions.text_encoder == HF_CLIP:
+        return {f"{prefix}text_model.{k}": v for k, v in hf.items()}
     top = {hf_name: openclip_name for openclip_name, hf_name in _OPENCLIP_TOP.items()}
     block = {hf_part: openclip_part for openclip_part, hf_part in _OPENCLIP_BLOCK.items()}
     out = {}
     for key, value in hf.items():
         if key in top:
-            out[SD2_PREFIX + top[key]] = value
+            out[prefix + top[key]] = value
             continue
         index, part, kind = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", key).groups()
-        prefix = f"{SD2_PREFIX}transformer.resblocks.{index}."
+        block_prefix = f"{prefix}transformer.resblocks.{index}."
         if part in block:
-            out[f"{prefix}{block[part]}.{kind}"] = value
+            out[f"{block_prefix}{block[part]}.{kind}"] = value
         elif part == "self_attn.q_proj":   # k and v join it here, in [q; k; v] order
             qkv = [hf[f"encoder.layers.{index}.self_attn.{p}.{kind}"] for p in ("q_proj", "k_proj", "v_proj")]
-            out[f"{prefix}attn.in_proj_{kind}"] = torch.cat(qkv, dim=0)
+            out[f"{block_prefix}attn.in_proj_{kind}"] = torch.cat(qkv, dim=0)
     return out
 
 

@@ -66,6 +66,12 @@ class UNetConfig:
             return self.num_heads, channels // self.num_heads
         return channels // self.num_head_channels, self.num_head_channels
 
+    def heads_text(self) -> str:
+        """"8 heads" or "64 channels per head": whichever of the two the config fixes."""
+        if self.num_head_channels == -1:
+            return f"{self.num_heads} heads"
+        return f"{self.num_head_channels} channels per head"
+
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding (B,) -> (B, dim), [cos(t w_i), sin(t w_i)] with

@@ -1,9 +1,8 @@
 """ldm.checkpoint: single files and diffusers folders load into our model and compute what the
-saved model (or diffusers' own models) computes; family and prediction-type rules; refusals."""
+saved model (or diffusers' own models) computes; family and prediction-type rules; fingerprints.
+Refused files: test_checkpoint_refusals.py."""
 
-import json
 import os
-import pickle
 import re
 import warnings
 
@@ -16,7 +15,9 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm import checkpoint as ckpt
 from ldm import diffusers_layout
-from ldm.text import compvis_text_state_dict, sd1_text_config, sd2_text_config
+from ldm.family import FAMILIES, sd1_text_config, sd2_text_config
+from ldm.model import state_dict_fingerprint
+from ldm.text import compvis_text_state_dict
 from ldm.unet import UNetConfig, UNetModel
 from ldm.vae import AutoencoderKL, VAEConfig
 from oracle import (UNET_PREFIX, VAE_PREFIX, checkpoint_state_dict, convert_unet, convert_vae,
@@ -45,14 +46,15 @@ def compvis_state_dict(model) -> dict:
     sd.update(checkpoint_state_dict(model.vae, VAE_PREFIX))
     text = compvis_text_state_dict(model.text_encoder, model.family)
     if model.family == "sd2":
-        prefix = ckpt.SD2_TEXT_PREFIX + "transformer.resblocks."
+        openclip = FAMILIES["sd2"].text_prefix
+        prefix = openclip + "transformer.resblocks."
         last = model.text_encoder.transformer.config.num_hidden_layers - 1
         for k, v in list(text.items()):
             if k.startswith(f"{prefix}{last}."):
                 text[k.replace(f"{prefix}{last}.", f"{prefix}{last + 1}.")] = torch.randn_like(v)
         width = model.text_encoder.transformer.config.hidden_size
-        text[ckpt.SD2_TEXT_PREFIX + "text_projection"] = torch.randn(width, width)
-        text[ckpt.SD2_TEXT_PREFIX + "logit_scale"] = torch.tensor(4.6)
+        text[openclip + "text_projection"] = torch.randn(width, width)
+        text[openclip + "logit_scale"] = torch.tensor(4.6)
     sd.update(text)
     return sd
 
@@ -93,7 +95,8 @@ def test_safetensors_round_trip(tiny):
     assert loaded.decided_by["family"].startswith("file metadata")
     assert loaded.decided_by["tokenizer"].startswith("beside the weights")
     assert_same_outputs(model, loaded)
-    assert ckpt.fingerprint(loaded.unet.state_dict()) == ckpt.fingerprint(model.unet.state_dict())
+    assert state_dict_fingerprint(loaded.unet.state_dict()) == \
+        state_dict_fingerprint(model.unet.state_dict())
 
 
 def test_ckpt_round_trip_infers_config_from_shapes(tiny):
@@ -118,7 +121,7 @@ def test_ema_and_corrupt_position_ids_are_ignored(tmp_path):
         if k.startswith(UNET_PREFIX):
             sd["model_ema." + k[len("model."):].replace(".", "")] = torch.randn_like(v)
     sd["model_ema.num_updates"] = torch.tensor(7)
-    sd[ckpt.SD1_TEXT_PREFIX + "text_model.embeddings.position_ids"] = \
+    sd[FAMILIES["sd1"].text_prefix + "text_model.embeddings.position_ids"] = \
         torch.arange(77.0)[None] * 0.999  # float and off: the classic merged-checkpoint damage
     sd["alphas_cumprod"] = model.schedule.alphas_cumprod.float()
     path = str(tmp_path / "ema.ckpt")
@@ -363,128 +366,33 @@ def test_tokenizer_lookup(tmp_path):
     assert meta.text_encoder.pad_token_id == model.text_encoder.pad_token_id
 
 
-def test_fingerprint():
+def test_state_dict_fingerprint():
     a = randomize(UNetModel(UNET["sd1"])).state_dict()
     b = {k: v.clone() for k, v in a.items()}
-    assert ckpt.fingerprint(a) == ckpt.fingerprint(b)
-    assert len(ckpt.fingerprint(a)) == 32
+    assert state_dict_fingerprint(a) == state_dict_fingerprint(b)
+    assert len(state_dict_fingerprint(a)) == 32
     b["out.2.weight"] = b["out.2.weight"] * 1.001
-    assert ckpt.fingerprint(a) != ckpt.fingerprint(b)
+    assert state_dict_fingerprint(a) != state_dict_fingerprint(b)
     c = dict(a)
     c["renamed"] = c.pop("out.2.weight")
-    assert ckpt.fingerprint(a) != ckpt.fingerprint(c)
+    assert state_dict_fingerprint(a) != state_dict_fingerprint(c)
+    # the digest itself is fixed: shift files store it, and a change would orphan them all
+    fixed = {"unet.out.2.weight": torch.linspace(-1, 1, 60).reshape(3, 4, 5),
+             "text.big": torch.arange(10007, dtype=torch.float16), "step": torch.tensor(7)}
+    assert state_dict_fingerprint(fixed) == "754a846d6ec8b4cc685320b84183e9b6"
 
 
-# ----------------------------------------------------------------------------- bad files
-
-class Payload:
-    """Unpickling this runs os.system: a file appears if the payload ever runs."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
-def bad_files(tmp_path) -> dict:
-    """name -> (path, expected message part). Real-looking files with one thing wrong."""
+@torch.no_grad()
+def test_base_fingerprint_covers_unet_and_text_encoder_only(tmp_path):
     model = tiny_model("sd1", tokenizer_dir=str(tmp_path / "tokenizer"))
-    good = tmp_path / "good.safetensors"
-    ckpt.save_single_file(str(good), model)
-    data = good.read_bytes()
-    files = {}
-
-    def write(name, content):
-        (tmp_path / name).write_bytes(content)
-        return str(tmp_path / name)
-
-    marker = tmp_path / "payload-ran"
-    evil = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": {"x": torch.zeros(1)}, "callback": Payload(marker)}, evil)
-    legacy = tmp_path / "evil-legacy.ckpt"
-    legacy.write_bytes(pickle.dumps({"state_dict": Payload(marker)}, protocol=2))
-    lora = {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32),
-            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(32, 4)}
-    save_file(lora, str(tmp_path / "lora.safetensors"))
-    sdxl = {"conditioner.embedders.1.model.ln_final.weight": torch.zeros(4),
-            UNET_PREFIX + "label_emb.0.0.weight": torch.zeros(4, 4)}
-    save_file(sdxl, str(tmp_path / "sdxl.safetensors"))
-    files.update({
-        "missing": (str(tmp_path / "nope.safetensors"), "no such file"),
-        "directory": (str(tmp_path / "tokenizer"), "is a directory, not a diffusers folder"),
-        "empty": (write("empty.ckpt", b""), "empty file"),
-        "truncated": (write("truncated.safetensors", data[: len(data) // 2]), "truncated"),
-        "corrupt header": (write("corrupt.safetensors", data[:8] + b"{" + b"\xff" * 40 +
-                                 data[49:]), "corrupt safetensors header"),
-        "random": (write("random.bin", os.urandom(4096)), "not a checkpoint"),
-        "zip not torch": (write("other.ckpt", b"PK\x03\x04" + os.urandom(100)),
-                          "unreadable PyTorch file"),
-        "pickle with code": (str(evil), "refused: this pickle needs more than tensors"),
-        "legacy pickle with code": (str(legacy), "refused"),
-        "lora": (str(tmp_path / "lora.safetensors"), "a LoRA file"),
-        "sdxl": (str(tmp_path / "sdxl.safetensors"), "an SDXL checkpoint"),
-    })
-    return files, marker
-
-
-def test_bad_files_give_one_line_errors(tmp_path):
-    files, marker = bad_files(tmp_path)
-    for name, (path, message) in files.items():
-        with pytest.raises(ckpt.CheckpointError) as info:
-            ckpt.load(path)
-        text = str(info.value)
-        assert message in text and "\n" not in text, (name, text)
-    assert not marker.exists()  # the payload never ran
-
-
-def test_malicious_pickle_never_runs(tmp_path):
-    """Also when read for inspection (memory-mapped, meta)."""
-    flag = tmp_path / "flag"
-    path = tmp_path / "model.ckpt"
-    torch.save({"state_dict": {"w": torch.zeros(2)}, "x": Payload(flag)}, path)
-    for device in ("cpu", "meta"):
-        with pytest.raises(ckpt.CheckpointError, match="it asks for .*system"):
-            ckpt.load(str(path), device=device)
-    assert not flag.exists()
-
-
-def test_diffusers_folder_problems(tmp_path):
-    (tmp_path / "unet").mkdir()
-    (tmp_path / "model_index.json").write_text("{}")
-    with pytest.raises(ckpt.CheckpointError, match="without unet/config.json"):
-        ckpt.load(str(tmp_path))
-    model = tiny_model("sd1", tokenizer_dir=str(tmp_path / "tokenizer"))
-    write_diffusers_folder(model, tmp_path)
-    config = json.loads((tmp_path / "unet" / "config.json").read_text())
-    (tmp_path / "unet" / "config.json").write_text(json.dumps(
-        {**config, "addition_embed_type": "text_time"}))
-    with pytest.raises(ckpt.CheckpointError, match="SDXL"):
-        ckpt.load(str(tmp_path))
-    (tmp_path / "unet" / "config.json").write_text(json.dumps(config))
-    os.remove(tmp_path / "vae" / "diffusion_pytorch_model.safetensors")
-    with pytest.raises(ckpt.CheckpointError, match="no weights file"):
-        ckpt.load(str(tmp_path))
-
-
-def test_inconsistent_weights_give_one_line_errors(tmp_path):
-    model = tiny_model("sd1", tokenizer_dir=str(tmp_path / "tokenizer"))
-    cases = {
-        "does not build an SD model": {UNET_PREFIX + "input_blocks.0.0.weight":
-                                       torch.zeros(20, 4, 3, 3)},  # GroupNorm(32, 20)
-        "incomplete checkpoint": {UNET_PREFIX + "middle_block.1.proj_in.weight": None},
-        "UNet weights do not fit its config: 0 missing, 1 unexpected":
-            {UNET_PREFIX + "middle_block.1.extra.weight": torch.zeros(2)},
-        "of another shape": {VAE_PREFIX + "decoder.conv_out.bias": torch.zeros(5)},
-    }
-    for message, change in cases.items():
-        sd = compvis_state_dict(model)
-        for k, v in change.items():
-            if v is None:
-                del sd[k]
-            else:
-                sd[k] = v
-        torch.save(sd, tmp_path / "broken.ckpt")
-        with pytest.raises(ckpt.CheckpointError, match=re.escape(message)) as info:
-            ckpt.load(str(tmp_path / "broken.ckpt"))
-        assert "\n" not in str(info.value)
+    base = model.base_fingerprint()
+    # what shift files already carry: both state dicts under "unet." and "text." names
+    assert base == state_dict_fingerprint(
+        {**{f"unet.{k}": v for k, v in model.unet.state_dict().items()},
+         **{f"text.{k}": v for k, v in model.text_encoder.state_dict().items()}})
+    model.vae.decoder.conv_out.bias.add_(1)  # shifts never touch the VAE
+    assert model.base_fingerprint() == base
+    model.text_encoder.transformer.final_layer_norm.bias.add_(1e-3)
+    text_changed = model.base_fingerprint()
+    model.unet.out[2].bias.add_(1e-3)
+    assert len({base, text_changed, model.base_fingerprint()}) == 3

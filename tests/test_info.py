@@ -10,10 +10,11 @@ import torch
 
 from ldm import checkpoint as ckpt
 from ldm import info
-from ldm.text import TextEncoder, compvis_text_state_dict, sd1_text_config, sd2_text_config
+from ldm.family import FAMILIES
+from ldm.text import TextEncoder, compvis_text_state_dict
 from ldm.unet import UNetConfig, UNetModel
 from ldm.vae import AutoencoderKL, VAEConfig
-from test_checkpoint import bad_files
+from test_checkpoint_refusals import bad_files
 from tiny import tiny_model
 
 
@@ -28,18 +29,18 @@ def full_size_keys(family: str) -> dict:
     unet_config = UNetConfig.sd15() if family == "sd1" else UNetConfig.sd21()
     with torch.device("meta"):
         unet, vae = UNetModel(unet_config), AutoencoderKL(VAEConfig())
-        text_config = sd1_text_config() if family == "sd1" else sd2_text_config()
-        text = TextEncoder(text_config, tokenizer=None, pad_token_id=0)
+        text = TextEncoder(FAMILIES[family].text_config(), tokenizer=None, pad_token_id=0)
     shapes = {ckpt.UNET_PREFIX + k: v.shape for k, v in unet.state_dict().items()}
     shapes.update({ckpt.VAE_PREFIX + k: v.shape for k, v in vae.state_dict().items()})
     text_sd = compvis_text_state_dict(text, family)
     shapes.update({k: v.shape for k, v in text_sd.items()})
     if family == "sd2":
-        prefix = ckpt.SD2_TEXT_PREFIX + "transformer.resblocks."
+        openclip = FAMILIES["sd2"].text_prefix
+        prefix = openclip + "transformer.resblocks."
         shapes.update({k.replace(f"{prefix}22.", f"{prefix}23."): v.shape
                        for k, v in text_sd.items() if k.startswith(f"{prefix}22.")})
-        shapes[ckpt.SD2_TEXT_PREFIX + "text_projection"] = torch.Size([1024, 1024])
-        shapes[ckpt.SD2_TEXT_PREFIX + "logit_scale"] = torch.Size([])
+        shapes[openclip + "text_projection"] = torch.Size([1024, 1024])
+        shapes[openclip + "logit_scale"] = torch.Size([])
     return shapes
 
 
@@ -112,3 +113,15 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
         assert result.returncode == 2 and result.stdout == ""
         assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert not marker.exists()
+
+
+def test_help_says_every_default():
+    parser = info.build_parser()
+    assert parser.prog == "python -m ldm.info"
+    arguments = [a for a in parser._actions if a.dest != "help"]
+    assert {a.dest for a in arguments} == {"path", "tokenizer", "prediction_type"}
+    for argument in arguments:
+        assert argument.help and "default" in argument.help, argument.dest
+    result = run_info("--help")
+    assert result.returncode == 0 and result.stdout.startswith("usage: python -m ldm.info")
+    assert "Supported: SD 1.x" in result.stdout

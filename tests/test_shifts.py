@@ -7,7 +7,7 @@ import torch
 
 import spectral
 from edit import sample
-from edit.shifts import apply_shifts, fingerprint, parse_shift
+from edit.shifts import apply_shifts, parse_shift
 from ldm import checkpoint as ckpt
 from tiny import tiny_model
 
@@ -55,7 +55,7 @@ def test_two_weighted_files_merge_to_the_weighted_sum(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))  # the SVD cache goes under the temporary home
     tok = str(tmp_path / "tok")
     base = tiny_model("sd1", tokenizer_dir=tok)
-    base_fingerprint = fingerprint(base)
+    base_fingerprint = base.base_fingerprint()
     first, second = random_shift(base, 1), random_shift(base, 2, components=("unet",))
     save(tmp_path / "a.safetensors", first, base_fingerprint)
     save(tmp_path / "b.safetensors", second, base_fingerprint)
@@ -75,7 +75,7 @@ def test_shift_for_another_base_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     tok = str(tmp_path / "tok")
     base, other = tiny_model("sd1", tokenizer_dir=tok), tiny_model("sd1", tokenizer_dir=tok, seed=1)
-    base_fingerprint = fingerprint(base)
+    base_fingerprint = base.base_fingerprint()
     save(tmp_path / "a.safetensors", random_shift(base, 1), base_fingerprint)
     with pytest.raises(spectral.ShiftFileError, match="another base model"):
         apply_shifts(other, [(str(tmp_path / "a.safetensors"), 1.0)], progress=False)
@@ -87,7 +87,7 @@ def test_cli_shift(tmp_path, monkeypatch, capsys):
     base = tiny_model("sd1", tokenizer_dir=tok)
     ckpt.save_single_file(str(tmp_path / "tiny.safetensors"), base)
     loaded = ckpt.load(str(tmp_path / "tiny.safetensors"))
-    base_fingerprint = fingerprint(loaded)
+    base_fingerprint = loaded.base_fingerprint()
     save(tmp_path / "a.safetensors", random_shift(loaded, 1), base_fingerprint)
     common = ["--model", str(tmp_path / "tiny.safetensors"), "--prompt", "a photo", "--n", "1",
               "--steps", "2", "--size", "16", "--quiet", "--plain"]

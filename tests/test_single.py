@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 import spectral
-from edit.shifts import apply_shifts, fingerprint as base_fingerprint
+from edit.shifts import apply_shifts
 from ldm import checkpoint
 from ldm.vae import AutoencoderKL
 from tiny import tiny_model
@@ -123,7 +123,7 @@ def test_run_writes_its_files_and_the_shift_file_fits_only_its_base(files, tmp_p
     # trained (merged) model
     base = checkpoint.load(files["base"])
     deltas, metadata = spectral.load_shifts(out / "spectral_shifts.safetensors",
-                                            expect_fingerprint=base_fingerprint(base))
+                                            expect_fingerprint=base.base_fingerprint())
     assert metadata["instance_prompt"] == "a sks star" and metadata["step"] == 3
     assert any(d.abs().max() > 0 for d in deltas.values())  # training moved the shifts
     apply_shifts(base, [(str(out / "spectral_shifts.safetensors"), 1.0)], cache_dir=files["cache"],
@@ -137,7 +137,7 @@ def test_run_writes_its_files_and_the_shift_file_fits_only_its_base(files, tmp_p
     other = checkpoint.load(files["other"])
     with pytest.raises(spectral.ShiftFileError, match="trained on another base model"):
         spectral.load_shifts(out / "spectral_shifts.safetensors",
-                             expect_fingerprint=base_fingerprint(other))
+                             expect_fingerprint=other.base_fingerprint())
 
 
 def run_recording_the_loss(files, out, monkeypatch, *flags):

@@ -9,12 +9,13 @@ from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, con
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from ldm import text
-from ldm.text import (SD1_PREFIX, SD2_PREFIX, TextEncoder, TokenizerNotFound, byte_symbols,
-                      compvis_text_state_dict, hf_text_state_dict, load_tokenizer, sd1_text_config,
-                      sd2_text_config, text_config_from_state_dict)
+from ldm.family import FAMILIES
+from ldm.text import (TextEncoder, TokenizerNotFound, byte_symbols, compvis_text_state_dict,
+                      hf_text_state_dict, load_tokenizer, text_config_from_state_dict)
 
 WIDTH, HEADS, MLP, VOCAB, CONTEXT = 32, 4, 128, 600, 77   # MLP = 4 * WIDTH as in OpenCLIP
 ATOL = 1e-5
+SD1_PREFIX, SD2_PREFIX = FAMILIES["sd1"].text_prefix, FAMILIES["sd2"].text_prefix
 
 
 def tiny_config(layers: int, act: str) -> CLIPTextConfig:
@@ -158,7 +159,7 @@ def test_full_size_configs_match_the_checkpoint_layout(family):
     """On the meta device: SD 1.5 / SD 2.1 text towers, key set and every shape as diffusers'
     converters produce them from a CompVis-layout checkpoint of the real sizes."""
     with torch.device("meta"):
-        model = CLIPTextModel(sd1_text_config() if family == "sd1" else sd2_text_config())
+        model = CLIPTextModel(FAMILIES[family].text_config())
         if family == "sd1":
             checkpoint = {f"{SD1_PREFIX}text_model.{k}": v for k, v in model.state_dict().items()}
             converted = convert_ldm_clip_checkpoint(checkpoint)

@@ -17,9 +17,10 @@ import tempfile
 import torch
 from transformers import CLIPTokenizer
 
+from ldm.family import FAMILIES
 from ldm.model import StableDiffusion
 from ldm.schedule import NoiseSchedule
-from ldm.text import TextEncoder, byte_symbols, sd1_text_config, sd2_text_config
+from ldm.text import TextEncoder, byte_symbols
 from ldm.unet import UNetConfig, UNetModel
 from ldm.vae import AutoencoderKL, VAEConfig
 from oracle import randomize
@@ -30,11 +31,11 @@ IMAGE_SIZE = 32
 UNET = {
     # two levels, attention only at the first (so the upsampler is output_blocks.N.1)
     "sd1": UNetConfig(model_channels=32, channel_mult=(1, 2), attention_resolutions=(1,),
-                      num_res_blocks=1, num_heads=8, context_dim=64),
+                      num_res_blocks=1, context_dim=64, **FAMILIES["sd1"].unet_heads()),
     # attention at both levels, depth 2, two res blocks (upsampler at .2 after attention)
     "sd2": UNetConfig(model_channels=64, channel_mult=(1, 1), attention_resolutions=(2, 1),
-                      num_res_blocks=2, num_heads=-1, num_head_channels=64, context_dim=64,
-                      use_linear_in_transformer=True, transformer_depth=2, upcast_attention=True),
+                      num_res_blocks=2, context_dim=64, use_linear_in_transformer=True,
+                      transformer_depth=2, **FAMILIES["sd2"].unet_heads()),
 }
 VAE = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=IMAGE_SIZE)
 
@@ -68,12 +69,12 @@ def tiny_tokenizer(directory: str | None = None) -> CLIPTokenizer:
 
 def text_config(family: str, vocab_size: int):
     """64 wide (one 64-channel head), SD 1: 2 layers quick_gelu; SD 2: 3 layers gelu."""
-    base = sd1_text_config() if family == "sd1" else sd2_text_config()
+    base = FAMILIES[family].text_config()
     return base.__class__(**{**base.to_dict(), "vocab_size": vocab_size, "hidden_size": 64,
                              "intermediate_size": 128, "num_attention_heads": 1,
-                             "num_hidden_layers": 2 if family == "sd1" else 3,
+                             "num_hidden_layers": {"sd1": 2, "sd2": 3}[family],
                              "bos_token_id": vocab_size - 2, "eos_token_id": vocab_size - 1,
-                             "pad_token_id": vocab_size - 1 if family == "sd1" else 0})
+                             "pad_token_id": FAMILIES[family].pad_token_id(vocab_size - 1)})
 
 
 def tiny_model(family: str = "sd1", tokenizer_dir: str | None = None, seed: int = 0,
@@ -86,7 +87,7 @@ def tiny_model(family: str = "sd1", tokenizer_dir: str | None = None, seed: int 
     vae = randomize(AutoencoderKL(VAE), seed + 1)
     text = TextEncoder.for_family(family, tokenizer, text_config(family, len(tokenizer)))
     randomize(text.transformer, seed + 2)
-    prediction_type = prediction_type or ("epsilon" if family == "sd1" else "v_prediction")
+    prediction_type = prediction_type or FAMILIES[family].prediction_type
     return StableDiffusion(unet=unet.eval(), vae=vae.eval(), text_encoder=text.eval(),
                            schedule=NoiseSchedule(), family=family,
                            prediction_type=prediction_type, source="tests/tiny.py",

@@ -87,8 +87,7 @@ def load_model(config):
         torch.set_num_threads(threads)
     model = checkpoint.load(config.model, tokenizer_dir=config.tokenizer,
                             prediction_type=config.prediction_type, device=config.device)
-    from edit.shifts import fingerprint
-    return model, fingerprint(model)
+    return model, model.base_fingerprint()
 
 
 def check_resolution(model, resolution: int) -> None:
