@@ -45,11 +45,14 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from ldm.family import FAMILIES
 from train import config as run_config
 from train.config import option
 from train.data import save_atomically, step_generator, to_tensor
 from train.toy import world
 from train.toy.tokenizer import build as build_tokenizer
+
+SD1 = FAMILIES["sd1"]   # the bundled model has SD 1's layout and conventions
 
 
 @dataclass
@@ -123,14 +126,14 @@ def build_unet_and_text(config, tokenizer_dir):
     text_config = CLIPTextConfig(
         vocab_size=vocab, hidden_size=config.text_width, intermediate_size=4 * config.text_width,
         num_hidden_layers=config.text_layers, num_attention_heads=config.text_heads,
-        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=config.text_width,
+        max_position_embeddings=77, hidden_act=SD1.hidden_act, projection_dim=config.text_width,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.eos_token_id)
+        pad_token_id=SD1.pad_token_id(tokenizer.eos_token_id))
     unet = UNetModel(UNetConfig(
         model_channels=config.model_channels, channel_mult=config.channel_mult,
         attention_resolutions=config.attention_resolutions, num_res_blocks=config.num_res_blocks,
         num_heads=config.num_heads, context_dim=config.text_width))
-    text = TextEncoder.for_family("sd1", tokenizer, config=text_config)   # pads with <|endoftext|>
+    text = TextEncoder.for_family(SD1.name, tokenizer, config=text_config)
     return unet, text
 
 
@@ -285,7 +288,7 @@ def bundle(vae, unet, text):
     from ldm.model import StableDiffusion
     from ldm.schedule import NoiseSchedule
     return StableDiffusion(
-        unet=unet, vae=vae, text_encoder=text, schedule=NoiseSchedule(), family="sd1",
+        unet=unet, vae=vae, text_encoder=text, schedule=NoiseSchedule(), family=SD1.name,
         prediction_type="epsilon", source="train.toy.pretrain", image_size=world.SIZE,
         decided_by={"family": "written by train.toy.pretrain (SD 1 layout, CLIPTextModel)",
                     "prediction_type": "trained with the epsilon target"})
