@@ -1,8 +1,8 @@
 """The SVD of every weight, computed once and kept on disk.
 
 A full SD 1.5 decomposition takes minutes on a CPU; the factors only depend on the weight, so
-they are stored under a cache directory, one safetensors file per weight, named by a
-fingerprint of that weight:
+they are stored under a cache directory, one safetensors file per weight, named by the weight's
+key (`svd_key`: a hash of everything the SVD depends on):
 
     key = blake2b(format version, dtype, shape, raw bytes of W)        (32 hex digits)
     <cache_dir>/<key>.safetensors:  U (m, r), S (r,), Vh (r, n);  metadata {"key", "shape", "dtype"}
@@ -39,8 +39,9 @@ class Factors(NamedTuple):
     Vh: Tensor  # (r, n)
 
 
-def fingerprint(weight: Tensor) -> str:
-    """blake2b of the format version, dtype, shape and bytes of a weight (any device/dtype)."""
+def svd_key(weight: Tensor) -> str:
+    """The cache key of a weight's SVD: blake2b of the format version, dtype, shape and bytes of
+    the weight (any device/dtype), 32 hex digits."""
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{FORMAT_VERSION} {weight.dtype} {tuple(weight.shape)}".encode())
     h.update(weight.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data)
@@ -57,7 +58,7 @@ def svd(matrix: Tensor) -> Factors:
 
 
 class SVDCache:
-    """Factors on disk, keyed by `fingerprint(weight)`."""
+    """Factors on disk, keyed by `svd_key(weight)`."""
 
     def __init__(self, directory: str | os.PathLike | None = None):
         self.directory = Path(directory) if directory is not None else DEFAULT_DIR
@@ -98,7 +99,7 @@ class SVDCache:
 
     def get(self, matrix: Tensor, key: str | None = None) -> Factors:
         """Cached factors of `matrix`, computing and storing them on a miss."""
-        key = key or fingerprint(matrix)
+        key = key or svd_key(matrix)
         return self.load(matrix, key) or self.compute(matrix, key)
 
     @staticmethod

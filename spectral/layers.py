@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from spectral import function
-from spectral.cache import Factors, SVDCache, fingerprint
+from spectral.cache import Factors, SVDCache, svd_key
 from spectral.io import check_entries
 from spectral.kernel import reconstruct
 
@@ -305,7 +305,7 @@ def attach(model: nn.Module, include: Patterns = None, exclude: Patterns = None,
     model.requires_grad_(False)
     chosen = targets(model, include, exclude)
     parents, cache = _parents(model), SVDCache(cache_dir)
-    keys = {name: fingerprint(m.weight) for name, m in chosen.items() if type(m) in SPECTRAL}
+    keys = {name: svd_key(m.weight) for name, m in chosen.items() if type(m) in SPECTRAL}
     missing = sum(not cache.contains(key) for key in keys.values())
     shifted = {}
     with tqdm(total=missing, desc=f"SVD, once (cached in {cache.directory})", unit="weight",
