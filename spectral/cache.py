@@ -28,6 +28,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from spectral.io import write_atomically
+
 FORMAT_VERSION = "svdiff-svd/1"
 DEFAULT_DIR = Path.home() / ".cache" / "svdiff" / "svd"
 
@@ -86,15 +88,13 @@ class SVDCache:
         return Factors(stored["U"], stored["S"], stored["Vh"])
 
     def compute(self, matrix: Tensor, key: str) -> Factors:
-        """SVD of `matrix`, stored under `key` (written to a temporary name, then renamed, so a
-        crash never leaves a truncated entry under the real name)."""
+        """SVD of `matrix`, stored under `key` (written atomically: a crash never leaves a
+        truncated entry under the real name)."""
         factors = svd(matrix)
         self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.path(key)
-        temporary = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({name: t.cpu() for name, t in factors._asdict().items()}, temporary,
-                  metadata={"key": key, "shape": str(tuple(matrix.shape)), "dtype": str(matrix.dtype)})
-        os.replace(temporary, path)
+        tensors = {name: t.cpu() for name, t in factors._asdict().items()}
+        metadata = {"key": key, "shape": str(tuple(matrix.shape)), "dtype": str(matrix.dtype)}
+        write_atomically(lambda temporary: save_file(tensors, temporary, metadata=metadata), self.path(key))
         return factors
 
     def get(self, matrix: Tensor, key: str | None = None) -> Factors:

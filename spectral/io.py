@@ -20,8 +20,10 @@ another base model, missing / extra / wrongly shaped entries.
 load_mkshing reads the spectral_shifts.safetensors files of mkshing/svdiff-pytorch.
 """
 
+import contextlib
 import json
 import os
+import tempfile
 from typing import Any, Callable, Mapping
 
 import torch
@@ -52,6 +54,27 @@ def check_entries(deltas: Mapping[str, Tensor], expected: Mapping[str, tuple], s
         n = sorted(wrong)[0]
         raise ShiftFileError(f"{source} does not fit this model: {len(wrong)} entries of the wrong shape, "
                              f"e.g. {n} {tuple(deltas[n].shape)} where the model has {tuple(expected[n])}")
+
+
+def write_atomically(write: Callable[[str], None], path: str | os.PathLike) -> None:
+    """write(temporary) for a fresh temporary name in path's folder, then os.replace it onto
+    `path`: readers and a crash at any moment see the old file or the whole new one, never half
+    of one (a rename within one file system is atomic); a failed write removes its temporary.
+
+    The result gets mode 0644: mkstemp makes its file 0600, private to the writer, while caches
+    and shift files are meant to be read by others (as a plain open() would have allowed).
+    """
+    folder, name = os.path.split(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    os.close(handle)
+    try:
+        write(temporary)
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
+        raise
 
 
 def save_shifts(path: str | os.PathLike, deltas: Mapping[str, Tensor], metadata: Mapping[str, Any] | None = None) -> None:

@@ -36,6 +36,8 @@ def test_hit_equals_fresh_svd_and_computes_nothing(tmp_path, weight, monkeypatch
     assert store.load(weight, key) is None and not store.contains(key)
     fresh = store.compute(weight, key)
     assert store.contains(key)
+    assert [p.name for p in tmp_path.iterdir()] == [f"{key}.safetensors"]         # no temporary left
+    assert store.path(key).stat().st_mode & 0o777 == 0o644
 
     def no_svd(matrix):
         raise AssertionError("the SVD was recomputed on a cache hit")

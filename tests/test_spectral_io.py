@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import spectral
-from spectral.io import ShiftFileError, load_mkshing, load_shifts, save_shifts
+from spectral.io import ShiftFileError, load_mkshing, load_shifts, save_shifts, write_atomically
 
 FINGERPRINT = "ab" * 16
 
@@ -102,6 +102,28 @@ def test_refuses_unreadable_foreign_and_damaged_files(tmp_path, deltas):
     save_shifts(nan, {"a": torch.tensor([0.0, float("nan")])})
     with pytest.raises(ShiftFileError, match="non-finite values in a"):
         load_shifts(nan)
+
+
+# ---------------------------------------------------------------------- atomic writes
+
+def test_write_atomically_replaces_the_file_whole_and_readable(tmp_path):
+    path = tmp_path / "file.bin"
+    path.write_bytes(b"old")
+    write_atomically(lambda temporary: open(temporary, "wb").write(b"new"), path)
+    assert path.read_bytes() == b"new" and os.listdir(tmp_path) == ["file.bin"]
+    assert os.stat(path).st_mode & 0o777 == 0o644          # not mkstemp's private 0600
+
+
+def test_write_atomically_keeps_the_old_file_when_the_write_fails(tmp_path):
+    path = tmp_path / "file.bin"
+    path.write_bytes(b"old")
+
+    def half_then_crash(temporary):
+        open(temporary, "wb").write(b"ne")
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        write_atomically(half_then_crash, path)
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["file.bin"]
 
 
 # ---------------------------------------------------------------------- mkshing/svdiff-pytorch
