@@ -6,6 +6,7 @@ io.py (shift files), combine.py (adding, interpolating, mixing shifts), count.py
 """
 
 from spectral.combine import add, interpolate, mix
-from spectral.io import ShiftFileError, load_mkshing, load_shifts, save_shifts
+from spectral.io import ShiftFileError, load_shifts, save_shifts
 from spectral.kernel import reconstruct
 from spectral.layers import ShiftParameters, attach, detach, load_deltas, merge
+from spectral.mkshing import load_mkshing
