@@ -51,14 +51,25 @@ from spectral.kernel import reconstruct
 
 # --------------------------------------------------------------------------- the cost model
 
+def projections_cost(m: int, n: int, tokens: int) -> int:
+    """N r (n + m): x Vh^T and a product with U, token by token. The factored forward (P, then
+    P diag(s) U^T), or P and G = dY U for dL/ds."""
+    return tokens * min(m, n) * (n + m)
+
+
+def weight_grad_cost(m: int, n: int, tokens: int) -> int:
+    """N m n + m n r: dW = dY^T x (m, n), then the diagonal of U^T dW V, for dL/ds."""
+    return tokens * m * n + m * n * min(m, n)
+
+
 def costs(m: int, n: int, tokens: int, delta_grad: bool, input_grad: bool) -> dict[str, int]:
     """Multiply-adds of one call, forward plus the backward it will need, for each form."""
     r, N = min(m, n), tokens
-    factored = N * r * (n + m)
-    rebuild = m * r * n + N * m * n
+    rebuilt_op = m * r * n + N * m * n                  # W_delta, then the ordinary op
+    factored, rebuild = projections_cost(m, n, N), rebuilt_op
     if input_grad:
         factored += N * r * n
-        rebuild += m * r * n + N * m * n
+        rebuild += rebuilt_op
     if delta_grad or input_grad:
         factored += N * r * m
     if delta_grad:
@@ -68,14 +79,12 @@ def costs(m: int, n: int, tokens: int, delta_grad: bool, input_grad: bool) -> di
 
 def delta_grad_cost(m: int, n: int, tokens: int) -> int:
     """Cheaper of the two ways to diag(U^T dY^T x V) when x and dY are at hand (rebuild form)."""
-    r = min(m, n)
-    return min(tokens * m * n + m * n * r, tokens * r * (n + m))
+    return min(weight_grad_cost(m, n, tokens), projections_cost(m, n, tokens))
 
 
 def via_weight_grad(m: int, n: int, tokens: int) -> bool:
     """True when dW = dY^T x then diag(U^T dW V) is cheaper than the projections P and G."""
-    r = min(m, n)
-    return tokens * m * n + m * n * r < tokens * r * (n + m)
+    return weight_grad_cost(m, n, tokens) < projections_cost(m, n, tokens)
 
 
 def choose_form(m: int, n: int, tokens: int, delta_grad: bool, input_grad: bool) -> str:
