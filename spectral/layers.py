@@ -156,12 +156,17 @@ class SpectralEmbedding(Spectral):
 
 
 class ShiftedNorm(nn.Module):
-    """GroupNorm / LayerNorm whose scale is gamma + delta: frozen gamma (c,), trainable delta (c,)."""
+    """GroupNorm / LayerNorm whose scale is gamma + delta: frozen gamma (c,), trainable delta (c,).
+
+    What is normalized keeps torch's names: a LayerNorm's `normalized_shape` (the trailing dims),
+    a GroupNorm's `num_groups` (channels in groups); the other one is None.
+    """
 
     def __init__(self, layer: nn.GroupNorm | nn.LayerNorm):
         super().__init__()
-        self.layer_norm = isinstance(layer, nn.LayerNorm)
-        self.shape = layer.normalized_shape if self.layer_norm else layer.num_groups
+        layer_norm = isinstance(layer, nn.LayerNorm)
+        self.normalized_shape = tuple(layer.normalized_shape) if layer_norm else None
+        self.num_groups = None if layer_norm else layer.num_groups
         self.eps = layer.eps
         self.register_buffer("weight", layer.weight.detach())
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach())
@@ -171,15 +176,15 @@ class ShiftedNorm(nn.Module):
         # scale and bias in the input's dtype: under autocast x may be half while both are fp32
         scale = (self.weight + self.delta).to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        if self.layer_norm:
-            return F.layer_norm(x, self.shape, scale, bias, self.eps)
-        return F.group_norm(x, self.shape, scale, bias, self.eps)
+        if self.num_groups is None:
+            return F.layer_norm(x, self.normalized_shape, scale, bias, self.eps)
+        return F.group_norm(x, self.num_groups, scale, bias, self.eps)
 
     def to_plain(self, shifted: bool) -> nn.Module:
-        if self.layer_norm:
-            layer = nn.LayerNorm(self.shape, self.eps, bias=self.bias is not None, device="meta")
+        if self.num_groups is None:
+            layer = nn.LayerNorm(self.normalized_shape, self.eps, bias=self.bias is not None, device="meta")
         else:
-            layer = nn.GroupNorm(self.shape, self.weight.numel(), self.eps, device="meta")
+            layer = nn.GroupNorm(self.num_groups, self.weight.numel(), self.eps, device="meta")
         scale = (self.weight + self.delta.detach()).to(self.weight.dtype) if shifted else self.weight
         layer.weight = nn.Parameter(scale, requires_grad=False)
         if self.bias is not None:
@@ -187,8 +192,9 @@ class ShiftedNorm(nn.Module):
         return layer
 
     def extra_repr(self) -> str:
-        kind = "LayerNorm" if self.layer_norm else "GroupNorm"
-        return f"{kind}({self.shape}, channels={self.weight.numel()}, eps={self.eps})"
+        if self.num_groups is None:
+            return f"LayerNorm({self.normalized_shape}, eps={self.eps})"
+        return f"GroupNorm({self.num_groups}, {self.weight.numel()}, eps={self.eps})"
 
 
 SPECTRAL = {nn.Linear: SpectralLinear, nn.Conv1d: SpectralConv, nn.Conv2d: SpectralConv,
