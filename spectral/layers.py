@@ -59,6 +59,27 @@ def matches(name: str, patterns: Patterns) -> bool:
 
 # --------------------------------------------------------------------------- spectral layers
 
+class ShapeOnly:
+    """What a spectral layer answers for `.weight`: the weight's shape, and nothing else.
+
+    The layer keeps U, sigma and Vh, not W, yet code outside reads a layer's weight shape:
+    transformers' CLIPTextEmbeddings checks position_embedding.weight.shape[0] in every forward.
+    So `.weight.shape` works, and anything else (values, dtype, passing it to an op) fails with a
+    message naming shifted_weight(). Not a meta tensor: an op given one beside real tensors may
+    return uninitialized memory instead of failing (F.linear on the CPU does).
+    """
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.shape = torch.Size(shape)
+
+    def __getattr__(self, name: str):
+        raise AttributeError(f"a spectral layer keeps no weight tensor, only its shape (.weight.shape); "
+                             f"call the layer's shifted_weight() for W_delta (asked for .weight.{name})")
+
+    def __repr__(self) -> str:
+        return f"ShapeOnly({tuple(self.shape)})"
+
+
 class Spectral(nn.Module):
     """Frozen factors U (m, r), sigma (r,), Vh (r, n) of a weight, and its trainable shift delta (r,)."""
 
@@ -77,10 +98,13 @@ class Spectral(nn.Module):
         return ((self.U.double() * self.sigma.double()) @ self.Vh.double()).to(self.U.dtype)
 
     @property
-    def weight(self) -> Tensor:
-        """W_delta in the layer's weight shape, rebuilt on every access: a detached copy for
-        code that inspects a layer's weight (transformers reads position_embedding.weight.shape).
-        The forward never uses it; for a big layer it costs a full rebuild."""
+    def weight(self) -> ShapeOnly:
+        """The weight's shape alone (see ShapeOnly); W_delta itself is shifted_weight()."""
+        return ShapeOnly(self.weight_shape)
+
+    def shifted_weight(self) -> Tensor:
+        """W_delta in the layer's weight shape (a detached copy, rebuilt at each call: a full
+        reconstruction for a big layer). The forward never uses it."""
         return self.weight_matrix(shifted=True).view(self.weight_shape)
 
     def _plain(self, layer: nn.Module, weight: Tensor) -> nn.Module:

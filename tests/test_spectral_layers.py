@@ -221,3 +221,19 @@ def test_norm_shift_is_additive_on_the_scale(tmp_path):
     expected_ln = F.layer_norm(tokens.double(), (6,), (ln.weight + ln.delta).double(), ln.bias.double(), ln.eps)
     torch.testing.assert_close(model["gn"](image).double(), expected_gn, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(model["ln"](tokens).double(), expected_ln, rtol=1e-5, atol=1e-5)
+
+
+def test_shifted_weight_is_an_explicit_call_and_weight_only_a_shape(model, tmp_path):
+    shapes = {name: m.weight.shape for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d,
+                                                                                           nn.Conv2d, nn.Embedding))}
+    shifts = spectral.attach(model, cache_dir=tmp_path, progress=False)
+    randomize(shifts)
+    for name, module in shifts.modules.items():
+        if isinstance(module, ShiftedNorm):
+            continue
+        # transformers reads position_embedding.weight.shape[0]: the shape is there, the values are not
+        assert module.weight.shape == shapes[name]
+        with pytest.raises(AttributeError, match=r"shifted_weight\(\)"):
+            module.weight.dtype
+        W = module.U.double() @ torch.diag(F.relu(module.sigma.double() + module.delta.double())) @ module.Vh.double()
+        torch.testing.assert_close(module.shifted_weight().double(), W.view(shapes[name]), rtol=0, atol=1e-6)
