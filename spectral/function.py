@@ -353,5 +353,8 @@ def embedding(ids: Tensor, U: Tensor, sigma: Tensor, delta: Tensor, Vh: Tensor,
     if form == "auto":
         c = embedding_costs(m, n, flat.numel(), _wants_grad(delta))
         form = "factored" if c["factored"] <= c["rebuild"] else "rebuild"
-    y = SpectralEmbeddingFunction.apply(flat, U, sigma, delta, Vh, padding_idx, form == "factored")
+    # autocast off: F.embedding does not autocast (nn.Embedding returns the table's dtype), and a
+    # half-precision forward would meet the weights' dtype in the backward, which runs without it
+    with torch.autocast(flat.device.type, enabled=False):
+        y = SpectralEmbeddingFunction.apply(flat, U, sigma, delta, Vh, padding_idx, form == "factored")
     return y.view(*ids.shape, n)
