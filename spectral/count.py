@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from spectral.io import save_shifts
-from spectral.layers import NORMS, targets
+from spectral.layers import targets
+from spectral.norms import NORMS
 
 
 def delta_size(module: nn.Module) -> int:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from spectral.io import ShiftFileError, first_names, read_safetensors
-from spectral.layers import NORMS, ShiftedNorm
+from spectral.norms import NORMS, ShiftedNorm
 
 
 def load_mkshing(path: str | os.PathLike, rename: Callable[[str], str],

@@ -14,7 +14,8 @@ from torch import nn
 
 import spectral
 from spectral import cache as cache_module
-from spectral.layers import ShiftedNorm, Spectral, SpectralConv, SpectralEmbedding, SpectralLinear, targets
+from spectral.layers import Spectral, SpectralConv, SpectralEmbedding, SpectralLinear, targets
+from spectral.norms import ShiftedNorm
 
 
 class Tiny(nn.Module):
