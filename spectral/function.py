@@ -47,6 +47,7 @@ from torch import Tensor
 from torch.nn import grad as conv_grad
 
 from spectral.kernel import reconstruct
+from spectral.reference import CONV
 
 
 # --------------------------------------------------------------------------- the cost model
@@ -194,7 +195,6 @@ def linear(x: Tensor, U: Tensor, sigma: Tensor, delta: Tensor, Vh: Tensor,
 
 # --------------------------------------------------------------------------- conv (1-d, 2-d)
 
-_CONV = {1: F.conv1d, 2: F.conv2d}
 _CONV_INPUT_GRAD = {1: conv_grad.conv1d_input, 2: conv_grad.conv2d_input}
 _CONV_WEIGHT_GRAD = {1: conv_grad.conv1d_weight, 2: conv_grad.conv2d_weight}
 
@@ -225,7 +225,7 @@ class SpectralConvFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, U, sigma, delta, Vh, bias, kernel_size, stride, padding, dilation, factored: bool):
         d = len(kernel_size)
-        conv, (m, r), c_in = _CONV[d], U.shape, x.shape[1]
+        conv, (m, r), c_in = CONV[d], U.shape, x.shape[1]
         delta_grad = ctx.needs_input_grad[3]
         if factored:
             projected = conv(x, Vh.view(r, c_in, *kernel_size), None, stride, padding, dilation)
@@ -273,7 +273,7 @@ class SpectralConvFunction(torch.autograd.Function):
                     dW = _CONV_WEIGHT_GRAD[d](kept, (m, c_in, *kernel_size), dy, stride, padding, dilation)
                     ds = ((U.T @ dW.view(m, n)) * Vh).sum(1)
                 else:
-                    projected = _CONV[d](kept, Vh.view(r, c_in, *kernel_size), None, stride, padding, dilation)
+                    projected = CONV[d](kept, Vh.view(r, c_in, *kernel_size), None, stride, padding, dilation)
                     ds = (projected.flatten(2) * _mix_channels(U.T, dy.flatten(2))).sum((0, 2))
                 ddelta = _shift_grad(ds, sigma, delta)
         return dx, None, None, ddelta, None, None, None, None, None, None, None

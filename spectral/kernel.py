@@ -22,6 +22,8 @@ import os
 import torch
 from torch import Tensor
 
+from spectral import reference
+
 try:
     import triton
     import triton.language as tl
@@ -30,9 +32,9 @@ except ImportError:  # triton is optional: CUDA speed-up and tests only
 
 
 def reconstruct_torch(U: Tensor, sigma: Tensor, delta: Tensor, Vh: Tensor) -> Tensor:
-    """(U * ReLU(sigma + delta)) @ Vh with plain torch ops; (m, r), (r,), (r,), (r, n) -> (m, n)."""
-    scale = torch.relu(sigma.float() + delta.float())
-    return (U * scale).to(Vh.dtype) @ Vh
+    """(U * ReLU(sigma + delta)) @ Vh with plain torch ops; (m, r), (r,), (r,), (r, n) -> (m, n):
+    the reference form's W_delta, with the scale in float32 as in the Triton kernel."""
+    return reference.shifted_weight(U, sigma.float(), delta.float(), Vh)
 
 
 if triton is not None:

@@ -11,8 +11,10 @@ attach swaps each chosen layer for a spectral one at the same module path:
     Linear (m, n), Conv (c_out, c_in, *k) as c_out x (c_in*prod(k)), Embedding (num, dim):
         buffers U (m, r), sigma (r,), Vh (r, n) from the cached thin SVD; bias a buffer;
         parameter delta (r,) = 0, float32. The weight itself is dropped: W is not kept beside
-        its factors. Forward: spectral/function.py, W_delta = U diag(ReLU(sigma + delta)) Vh.
-    GroupNorm / LayerNorm scale gamma (c,):
+        its factors. Forward: the layer's op with W_delta = U diag(ReLU(sigma + delta)) Vh, in
+        the layer's `form`: "reference" rebuilds W_delta with plain autograd (spectral/reference.py),
+        "auto" (the default) runs the fast forms of spectral/function.py; same values.
+    GroupNorm / LayerNorm scale gamma (c,), spectral/norms.py:
         buffers weight (gamma) and bias; parameter delta (c,) = 0: the scale used is gamma + delta,
         a full-vector additive shift (the paper's 1-D case), trained with a much smaller lr.
 
@@ -37,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from spectral import function
+from spectral import function, reference
 from spectral.cache import Factors, SVDCache, svd_key
 from spectral.io import check_entries
 from spectral.kernel import reconstruct
@@ -80,16 +82,39 @@ class ShapeOnly:
         return f"ShapeOnly({tuple(self.shape)})"
 
 
+# How a spectral layer computes its op: "reference" rebuilds W_delta with plain autograd
+# (spectral/reference.py); the fast forms of spectral/function.py give the same values with a
+# hand-written backward: "auto" picks "factored" or "rebuild" per call by their cost.
+FORMS = ("auto", "reference", "factored", "rebuild")
+
+
+def check_form(form: str) -> str:
+    """`form` itself, or a ValueError naming FORMS."""
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    return form
+
+
 class Spectral(nn.Module):
     """Frozen factors U (m, r), sigma (r,), Vh (r, n) of a weight, and its trainable shift delta (r,)."""
 
-    def __init__(self, factors: Factors, bias: Tensor | None):
+    def __init__(self, factors: Factors, bias: Tensor | None, form: str):
         super().__init__()
         self.register_buffer("U", factors.U)
         self.register_buffer("sigma", factors.S)
         self.register_buffer("Vh", factors.Vh)
         self.register_buffer("bias", None if bias is None else bias.detach())
         self.delta = nn.Parameter(torch.zeros_like(factors.S, dtype=torch.float32))
+        self.form = form
+
+    @property
+    def form(self) -> str:
+        """One of FORMS; may be changed at any time (the factors and delta stay)."""
+        return self._form
+
+    @form.setter
+    def form(self, value: str) -> None:
+        self._form = check_form(value)
 
     def weight_matrix(self, shifted: bool) -> Tensor:
         """W_delta (m, n) with the shift, else the original W = U diag(sigma) Vh in float64."""
@@ -118,13 +143,15 @@ class Spectral(nn.Module):
 class SpectralLinear(Spectral):
     """nn.Linear(n, m) with W_delta: x (..., n) -> (..., m)."""
 
-    def __init__(self, layer: nn.Linear, factors: Factors):
-        super().__init__(factors, layer.bias)
+    def __init__(self, layer: nn.Linear, factors: Factors, form: str = "auto"):
+        super().__init__(factors, layer.bias, form)
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.weight_shape = tuple(layer.weight.shape)
 
     def forward(self, x: Tensor) -> Tensor:
-        return function.linear(x, self.U, self.sigma, self.delta, self.Vh, self.bias)
+        if self.form == "reference":
+            return reference.linear(x, self.U, self.sigma, self.delta, self.Vh, self.bias)
+        return function.linear(x, self.U, self.sigma, self.delta, self.Vh, self.bias, self.form)
 
     def to_plain(self, shifted: bool) -> nn.Linear:
         layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
@@ -137,16 +164,18 @@ class SpectralLinear(Spectral):
 class SpectralConv(Spectral):
     """nn.Conv1d / nn.Conv2d (groups = 1, zero padding) with kernel W_delta.view(c_out, c_in, *k)."""
 
-    def __init__(self, layer: nn.Conv1d | nn.Conv2d, factors: Factors):
-        super().__init__(factors, layer.bias)
+    def __init__(self, layer: nn.Conv1d | nn.Conv2d, factors: Factors, form: str = "auto"):
+        super().__init__(factors, layer.bias, form)
         self.in_channels, self.out_channels = layer.in_channels, layer.out_channels
         self.kernel_size, self.stride, self.dilation = layer.kernel_size, layer.stride, layer.dilation
         self.padding = _explicit_padding(layer)
         self.weight_shape = tuple(layer.weight.shape)
 
     def forward(self, x: Tensor) -> Tensor:
-        return function.conv(x, self.U, self.sigma, self.delta, self.Vh, self.bias,
-                             self.kernel_size, self.stride, self.padding, self.dilation)
+        geometry = (self.kernel_size, self.stride, self.padding, self.dilation)
+        if self.form == "reference":
+            return reference.conv(x, self.U, self.sigma, self.delta, self.Vh, self.bias, *geometry)
+        return function.conv(x, self.U, self.sigma, self.delta, self.Vh, self.bias, *geometry, self.form)
 
     def to_plain(self, shifted: bool) -> nn.Module:
         kind = nn.Conv1d if len(self.kernel_size) == 1 else nn.Conv2d
@@ -162,14 +191,16 @@ class SpectralConv(Spectral):
 class SpectralEmbedding(Spectral):
     """nn.Embedding(num, dim) with table W_delta: ids (...) -> (..., dim)."""
 
-    def __init__(self, layer: nn.Embedding, factors: Factors):
-        super().__init__(factors, None)
+    def __init__(self, layer: nn.Embedding, factors: Factors, form: str = "auto"):
+        super().__init__(factors, None, form)
         self.num_embeddings, self.embedding_dim = layer.num_embeddings, layer.embedding_dim
         self.padding_idx = layer.padding_idx
         self.weight_shape = tuple(layer.weight.shape)
 
     def forward(self, ids: Tensor) -> Tensor:
-        return function.embedding(ids, self.U, self.sigma, self.delta, self.Vh, self.padding_idx)
+        if self.form == "reference":
+            return reference.embedding(ids, self.U, self.sigma, self.delta, self.Vh, self.padding_idx)
+        return function.embedding(ids, self.U, self.sigma, self.delta, self.Vh, self.padding_idx, self.form)
 
     def to_plain(self, shifted: bool) -> nn.Embedding:
         layer = nn.Embedding(self.num_embeddings, self.embedding_dim, self.padding_idx, device="meta")
@@ -280,15 +311,17 @@ class ShiftParameters:
 
 
 def attach(model: nn.Module, include: Patterns = None, exclude: Patterns = None,
-           cache_dir=None, progress: bool = True) -> ShiftParameters:
+           cache_dir=None, progress: bool = True, form: str = "auto") -> ShiftParameters:
     """Freeze `model` and replace its layers (see `targets`) by spectral ones, in place.
 
     SVDs come from the cache in `cache_dir` (default ~/.cache/svdiff/svd), computed once with a
     progress bar when missing. Layers are replaced one at a time, so the peak memory is the
     model plus one layer's factors, and each W is released as soon as its factors are in.
+    `form` (see FORMS) is given to every spectral layer; "reference" is the plain-autograd one.
     """
     if any(isinstance(m, SHIFTED) for m in model.modules()):
         raise ValueError("model already has spectral shifts attached; detach or merge it first")
+    check_form(form)                       # before any SVD, which may take minutes
     model.requires_grad_(False)
     chosen = targets(model, include, exclude)
     parents, cache = _parents(model), SVDCache(cache_dir)
@@ -307,7 +340,7 @@ def attach(model: nn.Module, include: Patterns = None, exclude: Patterns = None,
                 if factors is None:
                     factors = cache.compute(matrix, keys[name])
                     bar.update()
-                new = SPECTRAL[type(module)](module, factors)
+                new = SPECTRAL[type(module)](module, factors, form)
             _swap(parents, module, new)
             shifted[name] = new
     return ShiftParameters(shifted)
