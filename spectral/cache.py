@@ -1,5 +1,9 @@
 """The SVD of every weight, computed once and kept on disk.
 
+    W = U diag(S) Vh      W (m, n); U (m, r), S (r,), Vh (r, n), r = min(m, n)
+
+the frozen factors of SVDiff's W_delta = U diag(ReLU(S + delta)) Vh (S is the paper's sigma).
+
 A full SD 1.5 decomposition takes minutes on a CPU; the factors only depend on the weight, so
 they are stored under a cache directory, one safetensors file per weight, named by the weight's
 key (`svd_key`: a hash of everything the SVD depends on):

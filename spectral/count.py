@@ -1,5 +1,7 @@
 """How big is a spectral shift?  python -m spectral.count --family sd15|sd21
 
+    W_delta = U diag(ReLU(sigma + delta)) Vh: delta (r,), r = min(m, n), per weight W (m, n)
+
 Builds the UNet and the CLIP text encoder at full size on the meta device (no memory, no
 weights) and counts what attach would train: min(m, n) singular values per weight matrix
 (Linear, Conv as c_out x (c_in*kh*kw), Embedding) plus, for each GroupNorm / LayerNorm, either

@@ -1,4 +1,4 @@
-"""Linear maps whose weight is spectrally shifted, with a hand-written backward.
+"""The fast forms: linear maps whose weight is spectrally shifted, with a hand-written backward.
 
 SVDiff (Han et al. 2023, eq. 3) keeps the singular vectors of a pretrained weight W (m, n) and
 trains only a shift delta of its singular values:
@@ -8,7 +8,8 @@ trains only a shift delta of its singular values:
 
 A conv kernel (c_out, c_in, kh, kw) is the matrix W = c_out x (c_in*kh*kw); an embedding table
 (num_embeddings, dim) is W itself. U, sigma, Vh and the bias are frozen; gradients flow to delta
-and to the input only.
+and to the input only. spectral/reference.py computes the same with plain autograd (read it
+first); the forms here give its values (tested in float64) at a fraction of its cost.
 
 Forward, for N tokens x (N, n) -> y = x W_delta^T (N, m), in one of two forms:
 

@@ -1,5 +1,9 @@
 """Shift files: the trained deltas of SVDiff as safetensors, plus JSON metadata.
 
+    W_delta = U diag(ReLU(sigma + delta)) Vh      delta (r,), r = min(m, n) for a weight W (m, n)
+    gamma + delta                                 delta (c,) for a norm scale gamma (c,)
+
+Only the deltas are stored: U, sigma, Vh and gamma come from the base model the file names.
 A shift file for SD 1.5 is about 1.7 MB: one float32 per singular value of each weight matrix
 plus one per norm channel.
 

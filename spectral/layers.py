@@ -1,5 +1,10 @@
 """Attaching spectral shifts to any torch model, and taking them off again.
 
+SVDiff (Han et al. 2023, eq. 3) trains only a shift delta of each weight's singular values:
+
+    W = U diag(sigma) Vh,  W_delta = U diag(ReLU(sigma + delta)) Vh
+    W (m, n); U (m, r), sigma and delta (r,), Vh (r, n), r = min(m, n)
+
     shifts = attach(unet)                  # every Linear / Conv1d / Conv2d / Embedding / norm
     opt = torch.optim.AdamW(shifts.param_groups(lr=1e-3, norm_lr=1e-6))
     ...train...

@@ -1,10 +1,8 @@
 """The reference form: W_delta rebuilt with ordinary torch ops, then the ordinary layer op.
 
-SVDiff (Han et al. 2023, eq. 3) keeps the singular vectors of a pretrained weight W (m, n) and
-trains only a shift delta of its singular values:
-
-    W = U diag(sigma) Vh                          thin SVD: U (m, r), sigma (r,), Vh (r, n), r = min(m, n)
-    W_delta = U diag(ReLU(sigma + delta)) Vh      delta (r,): the only trained tensor
+    W_delta = U diag(ReLU(sigma + delta)) Vh               SVDiff (Han et al. 2023), eq. 3
+    U (m, r), sigma (r,), Vh (r, n): the thin SVD of a pretrained W (m, n), r = min(m, n), frozen
+    delta (r,): the shift of the singular values, the only trained tensor
 
 A conv kernel (c_out, c_in, *k) is the matrix c_out x (c_in*prod(k)); an embedding table
 (num_embeddings, dim) is W itself. This file computes exactly that: W_delta from U, sigma, delta
