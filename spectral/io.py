@@ -52,7 +52,8 @@ def check_entries(deltas: Mapping[str, Tensor], expected: Mapping[str, tuple], s
     """Refuse `deltas` unless its names are exactly `expected`'s and every shape matches."""
     missing, extra = expected.keys() - deltas.keys(), deltas.keys() - expected.keys()
     if missing or extra:
-        parts = ([f"missing {first_names(missing)}"] if missing else []) + ([f"unexpected {first_names(extra)}"] if extra else [])
+        parts = [f"missing {first_names(missing)}"] if missing else []
+        parts += [f"unexpected {first_names(extra)}"] if extra else []
         raise ShiftFileError(f"{source} does not fit this model: " + "; ".join(parts))
     wrong = [n for n in deltas if tuple(deltas[n].shape) != tuple(expected[n])]
     if wrong:

@@ -5,8 +5,8 @@ Shapes: U (m, r), sigma and delta (r,), Vh (r, n); the result is (m, n) in the d
     W_delta[i, j] = sum_k U[i, k] * max(sigma[k] + delta[k], 0) * Vh[k, j]
 
 This is a matrix product whose left operand is scaled column by column. The torch fallback,
-reference.shifted_weight, scales U (an (m, r) temporary) and calls matmul; the Triton kernel scales each U tile as it is
-loaded, so the scaled U never exists in memory. Both compute the scale in float32 and round the
+reference.shifted_weight, scales U (an (m, r) temporary) and calls matmul; the Triton kernel
+scales each U tile as it is loaded, so the scaled U never exists in memory. Both compute the scale in float32 and round the
 scaled U to the weights' dtype before the product, so they agree to float32 rounding.
 
 No autograd here: gradients are the business of spectral/function.py, which calls `reconstruct`

@@ -237,8 +237,8 @@ def test_norm_shift_is_additive_on_the_scale(tmp_path):
 
 
 def test_shifted_weight_is_an_explicit_call_and_weight_only_a_shape(model, tmp_path):
-    shapes = {name: m.weight.shape for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d,
-                                                                                           nn.Conv2d, nn.Embedding))}
+    matrices = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
+    shapes = {name: m.weight.shape for name, m in model.named_modules() if isinstance(m, matrices)}
     shifts = spectral.attach(model, cache_dir=tmp_path, progress=False)
     randomize(shifts)
     for name, module in shifts.modules.items():
@@ -248,5 +248,6 @@ def test_shifted_weight_is_an_explicit_call_and_weight_only_a_shape(model, tmp_p
         assert module.weight.shape == shapes[name]
         with pytest.raises(AttributeError, match=r"shifted_weight\(\)"):
             module.weight.dtype
-        W = module.U.double() @ torch.diag(F.relu(module.sigma.double() + module.delta.double())) @ module.Vh.double()
-        torch.testing.assert_close(module.shifted_weight().double(), W.view(shapes[name]), rtol=0, atol=1e-6)
+        s = F.relu(module.sigma.double() + module.delta.double())
+        W = (module.U.double() @ torch.diag(s) @ module.Vh.double()).view(shapes[name])
+        torch.testing.assert_close(module.shifted_weight().double(), W, rtol=0, atol=1e-6)

@@ -165,8 +165,8 @@ def test_attached_model_in_each_fast_form_matches_the_reference_form(tmp_path, f
     (y, grads), (y_ref, grads_ref) = results[form], results["reference"]
     torch.testing.assert_close(y, y_ref, rtol=0, atol=TOLERANCE[form] * y_ref.abs().max().item())
     for name, expected in grads_ref.items():
-        torch.testing.assert_close(grads[name], expected, rtol=0, atol=TOLERANCE[form] * expected.abs().max().item(),
-                                   msg=name)
+        tolerance = TOLERANCE[form] * expected.abs().max().item()
+        torch.testing.assert_close(grads[name], expected, rtol=0, atol=tolerance, msg=name)
 
 
 def test_form_is_checked_at_attach_and_on_the_layer(tmp_path):
