@@ -118,3 +118,11 @@ def test_sd15_counts_match_sd15_shapes_by_hand_and_diffusers(capsys):
     assert payload + 40e-6 * both["layers"] - 0.005 <= file_mb <= payload + 256e-6 * both["layers"] + 0.005
     # DESIGN.md's figures: ~1.7 MB with full-vector norm shifts, ~1.1 MB with one scalar per norm
     assert round(file_mb, 1) == 1.7 and round(float(rows["both"][5]), 1) == 1.1
+
+
+def test_command_line_help_names_the_program_and_shows_defaults():
+    parser = count.build_parser()
+    assert parser.prog == "python -m spectral.count"
+    assert all(action.help for action in parser._actions)
+    text = " ".join(parser.format_help().split())
+    assert "usage: python -m spectral.count" in text and "(default: sd15)" in text
