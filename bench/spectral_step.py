@@ -63,7 +63,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import spectral  # noqa: E402
-from spectral.cache import Factors, SVDCache, fingerprint  # noqa: E402
+from spectral.cache import Factors, SVDCache, svd_key  # noqa: E402
 from ldm.unet import (Attention, Block, Downsample, ResBlock, SpatialTransformer, UNetConfig,  # noqa: E402
                       UNetModel)
 
@@ -123,7 +123,7 @@ def factored_weights(model: nn.Module) -> dict[str, Factors]:
                     torch.randn(r, n, generator=g) / n ** 0.5)
         with torch.no_grad():
             module.weight.copy_(((f.U * f.S) @ f.Vh).view_as(module.weight))
-        factors[fingerprint(module.weight)] = f
+        factors[svd_key(module.weight)] = f
     return factors
 
 

@@ -103,8 +103,8 @@ class TextEncoder(nn.Module):
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
         """Prompts -> contexts (B, max_length, hidden) on the model's device and dtype."""
-        # any parameter tells the device; not token_embedding.weight, which a spectral layer
-        # would rebuild (49408 x 768 for SD) on every access
+        # any parameter tells the device; not token_embedding.weight, of which a spectral
+        # layer keeps only the shape
         device = next(self.parameters()).device
         return self(self.tokenize(prompts).to(device))
 

@@ -1,8 +1,12 @@
 """The SVD of every weight, computed once and kept on disk.
 
+    W = U diag(S) Vh      W (m, n); U (m, r), S (r,), Vh (r, n), r = min(m, n)
+
+the frozen factors of SVDiff's W_delta = U diag(ReLU(S + delta)) Vh (S is the paper's sigma).
+
 A full SD 1.5 decomposition takes minutes on a CPU; the factors only depend on the weight, so
-they are stored under a cache directory, one safetensors file per weight, named by a
-fingerprint of that weight:
+they are stored under a cache directory, one safetensors file per weight, named by the weight's
+key (`svd_key`: a hash of everything the SVD depends on):
 
     key = blake2b(format version, dtype, shape, raw bytes of W)        (32 hex digits)
     <cache_dir>/<key>.safetensors:  U (m, r), S (r,), Vh (r, n);  metadata {"key", "shape", "dtype"}
@@ -28,6 +32,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from spectral.io import write_atomically
+
 FORMAT_VERSION = "svdiff-svd/1"
 DEFAULT_DIR = Path.home() / ".cache" / "svdiff" / "svd"
 
@@ -39,8 +45,9 @@ class Factors(NamedTuple):
     Vh: Tensor  # (r, n)
 
 
-def fingerprint(weight: Tensor) -> str:
-    """blake2b of the format version, dtype, shape and bytes of a weight (any device/dtype)."""
+def svd_key(weight: Tensor) -> str:
+    """The cache key of a weight's SVD: blake2b of the format version, dtype, shape and bytes of
+    the weight (any device/dtype), 32 hex digits."""
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{FORMAT_VERSION} {weight.dtype} {tuple(weight.shape)}".encode())
     h.update(weight.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data)
@@ -57,7 +64,7 @@ def svd(matrix: Tensor) -> Factors:
 
 
 class SVDCache:
-    """Factors on disk, keyed by `fingerprint(weight)`."""
+    """Factors on disk, keyed by `svd_key(weight)`."""
 
     def __init__(self, directory: str | os.PathLike | None = None):
         self.directory = Path(directory) if directory is not None else DEFAULT_DIR
@@ -85,20 +92,18 @@ class SVDCache:
         return Factors(stored["U"], stored["S"], stored["Vh"])
 
     def compute(self, matrix: Tensor, key: str) -> Factors:
-        """SVD of `matrix`, stored under `key` (written to a temporary name, then renamed, so a
-        crash never leaves a truncated entry under the real name)."""
+        """SVD of `matrix`, stored under `key` (written atomically: a crash never leaves a
+        truncated entry under the real name)."""
         factors = svd(matrix)
         self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.path(key)
-        temporary = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({name: t.cpu() for name, t in factors._asdict().items()}, temporary,
-                  metadata={"key": key, "shape": str(tuple(matrix.shape)), "dtype": str(matrix.dtype)})
-        os.replace(temporary, path)
+        tensors = {name: t.cpu() for name, t in factors._asdict().items()}
+        metadata = {"key": key, "shape": str(tuple(matrix.shape)), "dtype": str(matrix.dtype)}
+        write_atomically(lambda temporary: save_file(tensors, temporary, metadata=metadata), self.path(key))
         return factors
 
     def get(self, matrix: Tensor, key: str | None = None) -> Factors:
         """Cached factors of `matrix`, computing and storing them on a miss."""
-        key = key or fingerprint(matrix)
+        key = key or svd_key(matrix)
         return self.load(matrix, key) or self.compute(matrix, key)
 
     @staticmethod

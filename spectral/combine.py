@@ -1,7 +1,9 @@
 """Combining trained shifts: plain functions on {name: delta} dicts (paper section 4.3).
 
-The shifts act through ReLU(sigma + delta), and the ReLU is applied where the weights are
-built (forward or merge), after combining, never inside these functions:
+Each delta (r,) shifts a layer's singular values, W_delta = U diag(ReLU(sigma + delta)) Vh with
+U (m, r), sigma (r,), Vh (r, n) (a norm's delta (c,) shifts its scale: gamma + delta). The
+shifts act through ReLU(sigma + delta), and the ReLU is applied where the weights are built
+(forward or merge), after combining, never inside these functions:
 
     add:          ReLU(sigma + delta_1 + delta_2 + ...)            several subjects / edits at once
     interpolate:  ReLU(sigma + alpha delta_1 + (1 - alpha) delta_2)   0 <= alpha <= 1

@@ -1,5 +1,7 @@
 """How big is a spectral shift?  python -m spectral.count --family sd15|sd21
 
+    W_delta = U diag(ReLU(sigma + delta)) Vh: delta (r,), r = min(m, n), per weight W (m, n)
+
 Builds the UNet and the CLIP text encoder at full size on the meta device (no memory, no
 weights) and counts what attach would train: min(m, n) singular values per weight matrix
 (Linear, Conv as c_out x (c_in*kh*kw), Embedding) plus, for each GroupNorm / LayerNorm, either
@@ -18,7 +20,8 @@ import torch
 from torch import nn
 
 from spectral.io import save_shifts
-from spectral.layers import NORMS, targets
+from spectral.layers import targets
+from spectral.norms import NORMS
 
 
 def delta_size(module: nn.Module) -> int:
@@ -66,10 +69,19 @@ def file_megabytes(models: dict[str, nn.Module]) -> float:
         return os.path.getsize(path) / 1e6
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m spectral.count", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="How big is a spectral shift? Counts what attach would train on the full-size UNet "
+                    "and text encoder, built on the meta device (no weights needed).")
+    parser.add_argument("--family", choices=["sd15", "sd21"], default="sd15",
+                        help="model family: sd15 (SD 1.x, CLIP ViT-L/14 text) or sd21 (SD 2.x, OpenCLIP "
+                             "ViT-H/14 text)")
+    return parser
+
+
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--family", choices=["sd15", "sd21"], default="sd15")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     models = build(args.family)
     counts = {name: count(model) for name, model in models.items()}
     counts["both"] = {key: sum(c[key] for c in counts.values()) for key in next(iter(counts.values()))}

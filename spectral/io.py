@@ -1,5 +1,9 @@
 """Shift files: the trained deltas of SVDiff as safetensors, plus JSON metadata.
 
+    W_delta = U diag(ReLU(sigma + delta)) Vh      delta (r,), r = min(m, n) for a weight W (m, n)
+    gamma + delta                                 delta (c,) for a norm scale gamma (c,)
+
+Only the deltas are stored: U, sigma, Vh and gamma come from the base model the file names.
 A shift file for SD 1.5 is about 1.7 MB: one float32 per singular value of each weight matrix
 plus one per norm channel.
 
@@ -17,17 +21,19 @@ plus one per norm channel.
 Every refusal is a ShiftFileError with a one-line message: an unreadable file, a file from
 another base model, missing / extra / wrongly shaped entries.
 
-load_mkshing reads the spectral_shifts.safetensors files of mkshing/svdiff-pytorch.
+Files of mkshing/svdiff-pytorch are read by spectral/mkshing.py.
 """
 
+import contextlib
 import json
 import os
+import tempfile
 from typing import Any, Callable, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from torch import Tensor, nn
+from torch import Tensor
 
 FORMAT = "svdiff-shifts/1"
 
@@ -36,7 +42,8 @@ class ShiftFileError(ValueError):
     """A shift file or delta dict that does not fit; the message is one line."""
 
 
-def _names(names, limit: int = 3) -> str:
+def first_names(names, limit: int = 3) -> str:
+    """The first few names, sorted, for a one-line message: "a, b, c, ... (12 in all)"."""
     names = sorted(names)
     return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
@@ -45,13 +52,35 @@ def check_entries(deltas: Mapping[str, Tensor], expected: Mapping[str, tuple], s
     """Refuse `deltas` unless its names are exactly `expected`'s and every shape matches."""
     missing, extra = expected.keys() - deltas.keys(), deltas.keys() - expected.keys()
     if missing or extra:
-        parts = ([f"missing {_names(missing)}"] if missing else []) + ([f"unexpected {_names(extra)}"] if extra else [])
+        parts = [f"missing {first_names(missing)}"] if missing else []
+        parts += [f"unexpected {first_names(extra)}"] if extra else []
         raise ShiftFileError(f"{source} does not fit this model: " + "; ".join(parts))
     wrong = [n for n in deltas if tuple(deltas[n].shape) != tuple(expected[n])]
     if wrong:
         n = sorted(wrong)[0]
         raise ShiftFileError(f"{source} does not fit this model: {len(wrong)} entries of the wrong shape, "
                              f"e.g. {n} {tuple(deltas[n].shape)} where the model has {tuple(expected[n])}")
+
+
+def write_atomically(write: Callable[[str], None], path: str | os.PathLike) -> None:
+    """write(temporary) for a fresh temporary name in path's folder, then os.replace it onto
+    `path`: readers and a crash at any moment see the old file or the whole new one, never half
+    of one (a rename within one file system is atomic); a failed write removes its temporary.
+
+    The result gets mode 0644: mkstemp makes its file 0600, private to the writer, while caches
+    and shift files are meant to be read by others (as a plain open() would have allowed).
+    """
+    folder, name = os.path.split(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    os.close(handle)
+    try:
+        write(temporary)
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
+        raise
 
 
 def save_shifts(path: str | os.PathLike, deltas: Mapping[str, Tensor], metadata: Mapping[str, Any] | None = None) -> None:
@@ -65,7 +94,8 @@ def save_shifts(path: str | os.PathLike, deltas: Mapping[str, Tensor], metadata:
     save_file(tensors, path, metadata={key: json.dumps(value, default=str) for key, value in header.items()})
 
 
-def _read(path) -> tuple[dict[str, Tensor], dict[str, str]]:
+def read_safetensors(path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """({name: tensor}, raw metadata) of a safetensors file; ShiftFileError when it cannot be read."""
     if not os.path.isfile(path):
         raise ShiftFileError(f"{path}: no such shift file")
     try:
@@ -82,11 +112,11 @@ def load_shifts(path: str | os.PathLike, expect_fingerprint: str | None = None,
     expect_fingerprint: the base model's fingerprint; a file trained on another base is refused.
     expect_shapes: {name: shape} the caller will load into; anything else is refused.
     """
-    tensors, raw = _read(path)
+    tensors, raw = read_safetensors(path)
     if "format" not in raw:
         if tensors and all(name.endswith(".delta") for name in tensors):
             raise ShiftFileError(f"{path}: an mkshing/svdiff-pytorch file ('<module>.delta' keys); "
-                                 "read it with spectral.io.load_mkshing")
+                                 "read it with spectral.load_mkshing")
         raise ShiftFileError(f"{path}: not an svdiff shift file (no 'format' metadata)")
     try:
         metadata = {key: json.loads(value) for key, value in raw.items()}
@@ -98,7 +128,7 @@ def load_shifts(path: str | os.PathLike, expect_fingerprint: str | None = None,
         raise ShiftFileError(f"{path}: its tensors do not match its own layer list (damaged file?)")
     bad = [n for n, t in tensors.items() if not t.is_floating_point() or not torch.isfinite(t).all()]
     if bad:
-        raise ShiftFileError(f"{path}: non-float or non-finite values in {_names(bad)}")
+        raise ShiftFileError(f"{path}: non-float or non-finite values in {first_names(bad)}")
     found = metadata.get("base_fingerprint")
     if expect_fingerprint is not None and found != expect_fingerprint:
         raise ShiftFileError(f"{path} was trained on another base model (fingerprint {str(found)[:16]}, "
@@ -106,42 +136,3 @@ def load_shifts(path: str | os.PathLike, expect_fingerprint: str | None = None,
     if expect_shapes is not None:
         check_entries(tensors, expect_shapes, str(path))
     return {name: t.float() for name, t in tensors.items()}, metadata
-
-
-def load_mkshing(path: str | os.PathLike, rename: Callable[[str], str],
-                 model: nn.Module | None = None) -> dict[str, Tensor]:
-    """Read mkshing/svdiff-pytorch's spectral_shifts(_te).safetensors -> {our module path: delta}.
-
-    Their keys are "<module path>.delta" in diffusers' UNet2DConditionModel names
-    ("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.delta", "conv_in.delta",
-    "down_blocks.0.resnets.0.norm1.delta") or transformers' CLIPTextModel names
-    ("text_model.encoder.layers.0.self_attn.q_proj.delta", "text_model.final_layer_norm.delta").
-    `rename` maps such a module path (without ".delta") to ours.
-
-    Matrix deltas carry over as they are: the same thin SVD of the same (c_out, c_in*kh*kw)
-    matrix, singular values in descending order. Their norm layers are 1 x c matrices with one
-    singular value |gamma|, so their delta is one scalar d that rescales the whole scale vector,
-        gamma' = U ReLU(|gamma| + d) Vh = gamma * ReLU(|gamma| + d) / |gamma|,
-    which is our full-vector additive shift gamma' - gamma. Converting it needs gamma: pass the
-    `model` (plain or attached) the names refer to; it also checks that every name exists.
-    """
-    from spectral.layers import NORMS, ShiftedNorm      # (spectral.layers imports this module)
-    tensors, _ = _read(path)
-    not_delta = [name for name in tensors if not name.endswith(".delta")]
-    if not_delta:
-        raise ShiftFileError(f"{path}: not an mkshing shift file (keys like {_names(not_delta)})")
-    modules = dict(model.named_modules()) if model is not None else None
-    deltas = {}
-    for key, delta in tensors.items():
-        name = rename(key[: -len(".delta")])
-        delta = delta.float()
-        if modules is not None and name not in modules:
-            raise ShiftFileError(f"{path}: {key} maps to {name!r}, which is not a module of the model")
-        if modules is not None and isinstance(modules[name], (*NORMS, ShiftedNorm)):   # scalar -> vector
-            gamma = modules[name].weight.detach().float()
-            norm = gamma.norm()
-            delta = gamma * (torch.relu(norm + delta) / norm - 1)
-        elif modules is None and delta.shape == (1,):
-            raise ShiftFileError(f"{path}: {key} looks like a per-norm scalar shift; pass model= to convert it")
-        deltas[name] = delta
-    return deltas

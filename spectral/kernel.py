@@ -4,9 +4,9 @@ Shapes: U (m, r), sigma and delta (r,), Vh (r, n); the result is (m, n) in the d
 
     W_delta[i, j] = sum_k U[i, k] * max(sigma[k] + delta[k], 0) * Vh[k, j]
 
-This is a matrix product whose left operand is scaled column by column. The torch fallback
-scales U (an (m, r) temporary) and calls matmul; the Triton kernel scales each U tile as it is
-loaded, so the scaled U never exists in memory. Both compute the scale in float32 and round the
+This is a matrix product whose left operand is scaled column by column. The torch fallback,
+reference.shifted_weight, scales U (an (m, r) temporary) and calls matmul; the Triton kernel
+scales each U tile as it is loaded, so the scaled U never exists in memory. Both compute the scale in float32 and round the
 scaled U to the weights' dtype before the product, so they agree to float32 rounding.
 
 No autograd here: gradients are the business of spectral/function.py, which calls `reconstruct`
@@ -22,6 +22,8 @@ import os
 import torch
 from torch import Tensor
 
+from spectral import reference
+
 try:
     import triton
     import triton.language as tl
@@ -30,9 +32,9 @@ except ImportError:  # triton is optional: CUDA speed-up and tests only
 
 
 def reconstruct_torch(U: Tensor, sigma: Tensor, delta: Tensor, Vh: Tensor) -> Tensor:
-    """(U * ReLU(sigma + delta)) @ Vh with plain torch ops; (m, r), (r,), (r,), (r, n) -> (m, n)."""
-    scale = torch.relu(sigma.float() + delta.float())
-    return (U * scale).to(Vh.dtype) @ Vh
+    """(U * ReLU(sigma + delta)) @ Vh with plain torch ops; (m, r), (r,), (r,), (r, n) -> (m, n):
+    the reference form's W_delta, with the scale in float32 as in the Triton kernel."""
+    return reference.shifted_weight(U, sigma.float(), delta.float(), Vh)
 
 
 if triton is not None:

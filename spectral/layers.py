@@ -1,5 +1,10 @@
 """Attaching spectral shifts to any torch model, and taking them off again.
 
+SVDiff (Han et al. 2023, eq. 3) trains only a shift delta of each weight's singular values:
+
+    W = U diag(sigma) Vh,  W_delta = U diag(ReLU(sigma + delta)) Vh
+    W (m, n); U (m, r), sigma and delta (r,), Vh (r, n), r = min(m, n)
+
     shifts = attach(unet)                  # every Linear / Conv1d / Conv2d / Embedding / norm
     opt = torch.optim.AdamW(shifts.param_groups(lr=1e-3, norm_lr=1e-6))
     ...train...
@@ -11,8 +16,10 @@ attach swaps each chosen layer for a spectral one at the same module path:
     Linear (m, n), Conv (c_out, c_in, *k) as c_out x (c_in*prod(k)), Embedding (num, dim):
         buffers U (m, r), sigma (r,), Vh (r, n) from the cached thin SVD; bias a buffer;
         parameter delta (r,) = 0, float32. The weight itself is dropped: W is not kept beside
-        its factors. Forward: spectral/function.py, W_delta = U diag(ReLU(sigma + delta)) Vh.
-    GroupNorm / LayerNorm scale gamma (c,):
+        its factors. Forward: the layer's op with W_delta = U diag(ReLU(sigma + delta)) Vh, in
+        the layer's `form`: "reference" rebuilds W_delta with plain autograd (spectral/reference.py),
+        "auto" (the default) runs the fast forms of spectral/function.py; same values.
+    GroupNorm / LayerNorm scale gamma (c,), spectral/norms.py:
         buffers weight (gamma) and bias; parameter delta (c,) = 0: the scale used is gamma + delta,
         a full-vector additive shift (the paper's 1-D case), trained with a much smaller lr.
 
@@ -34,14 +41,14 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from spectral import function
-from spectral.cache import Factors, SVDCache, fingerprint
+from spectral import function, reference
+from spectral.cache import Factors, SVDCache, svd_key
 from spectral.io import check_entries
 from spectral.kernel import reconstruct
+from spectral.norms import NORMS, ShiftedNorm
 
 Patterns = str | re.Pattern | Iterable[str | re.Pattern] | None
 
@@ -59,16 +66,60 @@ def matches(name: str, patterns: Patterns) -> bool:
 
 # --------------------------------------------------------------------------- spectral layers
 
+class ShapeOnly:
+    """What a spectral layer answers for `.weight`: the weight's shape, and nothing else.
+
+    The layer keeps U, sigma and Vh, not W, yet code outside reads a layer's weight shape:
+    transformers' CLIPTextEmbeddings checks position_embedding.weight.shape[0] in every forward.
+    So `.weight.shape` works, and anything else (values, dtype, passing it to an op) fails with a
+    message naming shifted_weight(). Not a meta tensor: an op given one beside real tensors may
+    return uninitialized memory instead of failing (F.linear on the CPU does).
+    """
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.shape = torch.Size(shape)
+
+    def __getattr__(self, name: str):
+        raise AttributeError(f"a spectral layer keeps no weight tensor, only its shape (.weight.shape); "
+                             f"call the layer's shifted_weight() for W_delta (asked for .weight.{name})")
+
+    def __repr__(self) -> str:
+        return f"ShapeOnly({tuple(self.shape)})"
+
+
+# How a spectral layer computes its op: "reference" rebuilds W_delta with plain autograd
+# (spectral/reference.py); the fast forms of spectral/function.py give the same values with a
+# hand-written backward: "auto" picks "factored" or "rebuild" per call by their cost.
+FORMS = ("auto", "reference", "factored", "rebuild")
+
+
+def check_form(form: str) -> str:
+    """`form` itself, or a ValueError naming FORMS."""
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    return form
+
+
 class Spectral(nn.Module):
     """Frozen factors U (m, r), sigma (r,), Vh (r, n) of a weight, and its trainable shift delta (r,)."""
 
-    def __init__(self, factors: Factors, bias: Tensor | None):
+    def __init__(self, factors: Factors, bias: Tensor | None, form: str):
         super().__init__()
         self.register_buffer("U", factors.U)
         self.register_buffer("sigma", factors.S)
         self.register_buffer("Vh", factors.Vh)
         self.register_buffer("bias", None if bias is None else bias.detach())
         self.delta = nn.Parameter(torch.zeros_like(factors.S, dtype=torch.float32))
+        self.form = form
+
+    @property
+    def form(self) -> str:
+        """One of FORMS; may be changed at any time (the factors and delta stay)."""
+        return self._form
+
+    @form.setter
+    def form(self, value: str) -> None:
+        self._form = check_form(value)
 
     def weight_matrix(self, shifted: bool) -> Tensor:
         """W_delta (m, n) with the shift, else the original W = U diag(sigma) Vh in float64."""
@@ -77,10 +128,13 @@ class Spectral(nn.Module):
         return ((self.U.double() * self.sigma.double()) @ self.Vh.double()).to(self.U.dtype)
 
     @property
-    def weight(self) -> Tensor:
-        """W_delta in the layer's weight shape, rebuilt on every access: a detached copy for
-        code that inspects a layer's weight (transformers reads position_embedding.weight.shape).
-        The forward never uses it; for a big layer it costs a full rebuild."""
+    def weight(self) -> ShapeOnly:
+        """The weight's shape alone (see ShapeOnly); W_delta itself is shifted_weight()."""
+        return ShapeOnly(self.weight_shape)
+
+    def shifted_weight(self) -> Tensor:
+        """W_delta in the layer's weight shape (a detached copy, rebuilt at each call: a full
+        reconstruction for a big layer). The forward never uses it."""
         return self.weight_matrix(shifted=True).view(self.weight_shape)
 
     def _plain(self, layer: nn.Module, weight: Tensor) -> nn.Module:
@@ -94,13 +148,15 @@ class Spectral(nn.Module):
 class SpectralLinear(Spectral):
     """nn.Linear(n, m) with W_delta: x (..., n) -> (..., m)."""
 
-    def __init__(self, layer: nn.Linear, factors: Factors):
-        super().__init__(factors, layer.bias)
+    def __init__(self, layer: nn.Linear, factors: Factors, form: str = "auto"):
+        super().__init__(factors, layer.bias, form)
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.weight_shape = tuple(layer.weight.shape)
 
     def forward(self, x: Tensor) -> Tensor:
-        return function.linear(x, self.U, self.sigma, self.delta, self.Vh, self.bias)
+        if self.form == "reference":
+            return reference.linear(x, self.U, self.sigma, self.delta, self.Vh, self.bias)
+        return function.linear(x, self.U, self.sigma, self.delta, self.Vh, self.bias, self.form)
 
     def to_plain(self, shifted: bool) -> nn.Linear:
         layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
@@ -113,16 +169,18 @@ class SpectralLinear(Spectral):
 class SpectralConv(Spectral):
     """nn.Conv1d / nn.Conv2d (groups = 1, zero padding) with kernel W_delta.view(c_out, c_in, *k)."""
 
-    def __init__(self, layer: nn.Conv1d | nn.Conv2d, factors: Factors):
-        super().__init__(factors, layer.bias)
+    def __init__(self, layer: nn.Conv1d | nn.Conv2d, factors: Factors, form: str = "auto"):
+        super().__init__(factors, layer.bias, form)
         self.in_channels, self.out_channels = layer.in_channels, layer.out_channels
         self.kernel_size, self.stride, self.dilation = layer.kernel_size, layer.stride, layer.dilation
         self.padding = _explicit_padding(layer)
         self.weight_shape = tuple(layer.weight.shape)
 
     def forward(self, x: Tensor) -> Tensor:
-        return function.conv(x, self.U, self.sigma, self.delta, self.Vh, self.bias,
-                             self.kernel_size, self.stride, self.padding, self.dilation)
+        geometry = (self.kernel_size, self.stride, self.padding, self.dilation)
+        if self.form == "reference":
+            return reference.conv(x, self.U, self.sigma, self.delta, self.Vh, self.bias, *geometry)
+        return function.conv(x, self.U, self.sigma, self.delta, self.Vh, self.bias, *geometry, self.form)
 
     def to_plain(self, shifted: bool) -> nn.Module:
         kind = nn.Conv1d if len(self.kernel_size) == 1 else nn.Conv2d
@@ -138,14 +196,16 @@ class SpectralConv(Spectral):
 class SpectralEmbedding(Spectral):
     """nn.Embedding(num, dim) with table W_delta: ids (...) -> (..., dim)."""
 
-    def __init__(self, layer: nn.Embedding, factors: Factors):
-        super().__init__(factors, None)
+    def __init__(self, layer: nn.Embedding, factors: Factors, form: str = "auto"):
+        super().__init__(factors, None, form)
         self.num_embeddings, self.embedding_dim = layer.num_embeddings, layer.embedding_dim
         self.padding_idx = layer.padding_idx
         self.weight_shape = tuple(layer.weight.shape)
 
     def forward(self, ids: Tensor) -> Tensor:
-        return function.embedding(ids, self.U, self.sigma, self.delta, self.Vh, self.padding_idx)
+        if self.form == "reference":
+            return reference.embedding(ids, self.U, self.sigma, self.delta, self.Vh, self.padding_idx)
+        return function.embedding(ids, self.U, self.sigma, self.delta, self.Vh, self.padding_idx, self.form)
 
     def to_plain(self, shifted: bool) -> nn.Embedding:
         layer = nn.Embedding(self.num_embeddings, self.embedding_dim, self.padding_idx, device="meta")
@@ -155,45 +215,8 @@ class SpectralEmbedding(Spectral):
         return f"{self.num_embeddings}, {self.embedding_dim}, rank={self.delta.numel()}"
 
 
-class ShiftedNorm(nn.Module):
-    """GroupNorm / LayerNorm whose scale is gamma + delta: frozen gamma (c,), trainable delta (c,)."""
-
-    def __init__(self, layer: nn.GroupNorm | nn.LayerNorm):
-        super().__init__()
-        self.layer_norm = isinstance(layer, nn.LayerNorm)
-        self.shape = layer.normalized_shape if self.layer_norm else layer.num_groups
-        self.eps = layer.eps
-        self.register_buffer("weight", layer.weight.detach())
-        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach())
-        self.delta = nn.Parameter(torch.zeros_like(layer.weight, dtype=torch.float32))
-
-    def forward(self, x: Tensor) -> Tensor:
-        # scale and bias in the input's dtype: under autocast x may be half while both are fp32
-        scale = (self.weight + self.delta).to(x.dtype)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        if self.layer_norm:
-            return F.layer_norm(x, self.shape, scale, bias, self.eps)
-        return F.group_norm(x, self.shape, scale, bias, self.eps)
-
-    def to_plain(self, shifted: bool) -> nn.Module:
-        if self.layer_norm:
-            layer = nn.LayerNorm(self.shape, self.eps, bias=self.bias is not None, device="meta")
-        else:
-            layer = nn.GroupNorm(self.shape, self.weight.numel(), self.eps, device="meta")
-        scale = (self.weight + self.delta.detach()).to(self.weight.dtype) if shifted else self.weight
-        layer.weight = nn.Parameter(scale, requires_grad=False)
-        if self.bias is not None:
-            layer.bias = nn.Parameter(self.bias, requires_grad=False)
-        return layer
-
-    def extra_repr(self) -> str:
-        kind = "LayerNorm" if self.layer_norm else "GroupNorm"
-        return f"{kind}({self.shape}, channels={self.weight.numel()}, eps={self.eps})"
-
-
 SPECTRAL = {nn.Linear: SpectralLinear, nn.Conv1d: SpectralConv, nn.Conv2d: SpectralConv,
             nn.Embedding: SpectralEmbedding}
-NORMS = (nn.GroupNorm, nn.LayerNorm)
 SHIFTED = (Spectral, ShiftedNorm)
 
 
@@ -293,19 +316,21 @@ class ShiftParameters:
 
 
 def attach(model: nn.Module, include: Patterns = None, exclude: Patterns = None,
-           cache_dir=None, progress: bool = True) -> ShiftParameters:
+           cache_dir=None, progress: bool = True, form: str = "auto") -> ShiftParameters:
     """Freeze `model` and replace its layers (see `targets`) by spectral ones, in place.
 
     SVDs come from the cache in `cache_dir` (default ~/.cache/svdiff/svd), computed once with a
     progress bar when missing. Layers are replaced one at a time, so the peak memory is the
     model plus one layer's factors, and each W is released as soon as its factors are in.
+    `form` (see FORMS) is given to every spectral layer; "reference" is the plain-autograd one.
     """
     if any(isinstance(m, SHIFTED) for m in model.modules()):
         raise ValueError("model already has spectral shifts attached; detach or merge it first")
+    check_form(form)                       # before any SVD, which may take minutes
     model.requires_grad_(False)
     chosen = targets(model, include, exclude)
     parents, cache = _parents(model), SVDCache(cache_dir)
-    keys = {name: fingerprint(m.weight) for name, m in chosen.items() if type(m) in SPECTRAL}
+    keys = {name: svd_key(m.weight) for name, m in chosen.items() if type(m) in SPECTRAL}
     missing = sum(not cache.contains(key) for key in keys.values())
     shifted = {}
     with tqdm(total=missing, desc=f"SVD, once (cached in {cache.directory})", unit="weight",
@@ -320,7 +345,7 @@ def attach(model: nn.Module, include: Patterns = None, exclude: Patterns = None,
                 if factors is None:
                     factors = cache.compute(matrix, keys[name])
                     bar.update()
-                new = SPECTRAL[type(module)](module, factors)
+                new = SPECTRAL[type(module)](module, factors, form)
             _swap(parents, module, new)
             shifted[name] = new
     return ShiftParameters(shifted)

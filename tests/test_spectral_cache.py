@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from spectral import cache as cache_module
-from spectral.cache import SVDCache, fingerprint, svd
+from spectral.cache import SVDCache, svd, svd_key
 
 
 @pytest.fixture
@@ -21,21 +21,23 @@ def test_fresh_svd_is_a_thin_float64_decomposition(weight):
     torch.testing.assert_close(U @ torch.diag(S) @ Vh, weight, rtol=0, atol=2e-6)
 
 
-def test_fingerprint_depends_on_bytes_shape_and_dtype(weight):
-    assert fingerprint(weight) == fingerprint(weight.clone())
+def test_svd_key_depends_on_bytes_shape_and_dtype(weight):
+    assert svd_key(weight) == svd_key(weight.clone())
     changed = weight.clone()
     changed[3, 4] += 1e-6
-    assert fingerprint(changed) != fingerprint(weight)
-    assert fingerprint(weight.reshape(40, 24)) != fingerprint(weight)
-    assert fingerprint(weight.double()) != fingerprint(weight)
-    assert fingerprint(weight.T) == fingerprint(weight.T.contiguous())
+    assert svd_key(changed) != svd_key(weight)
+    assert svd_key(weight.reshape(40, 24)) != svd_key(weight)
+    assert svd_key(weight.double()) != svd_key(weight)
+    assert svd_key(weight.T) == svd_key(weight.T.contiguous())
 
 
 def test_hit_equals_fresh_svd_and_computes_nothing(tmp_path, weight, monkeypatch):
-    store, key = SVDCache(tmp_path), fingerprint(weight)
+    store, key = SVDCache(tmp_path), svd_key(weight)
     assert store.load(weight, key) is None and not store.contains(key)
     fresh = store.compute(weight, key)
     assert store.contains(key)
+    assert [p.name for p in tmp_path.iterdir()] == [f"{key}.safetensors"]         # no temporary left
+    assert store.path(key).stat().st_mode & 0o777 == 0o644
 
     def no_svd(matrix):
         raise AssertionError("the SVD was recomputed on a cache hit")
@@ -89,7 +91,7 @@ def corrupt_wrong_key(path):
 @pytest.mark.parametrize("damage", [corrupt_truncate, corrupt_garbage, corrupt_nan, corrupt_other_weight,
                                     corrupt_wrong_key])
 def test_bad_entries_are_warned_about_and_recomputed(tmp_path, weight, damage):
-    store, key = SVDCache(tmp_path), fingerprint(weight)
+    store, key = SVDCache(tmp_path), svd_key(weight)
     fresh = store.compute(weight, key)
     damage(store.path(key))
     with pytest.warns(UserWarning, match="SVD cache entry"):

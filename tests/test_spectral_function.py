@@ -186,6 +186,21 @@ def test_autocast_bfloat16_keeps_float32_delta_grad():
     assert delta.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
 
 
+@pytest.mark.parametrize("form", FORMS)
+def test_autocast_embedding_runs_in_the_table_dtype(form):
+    """As nn.Embedding under autocast: float32 out; the backward (no autocast there) works."""
+    U, S, Vh = thin_svd(torch.randn(30, 12))
+    ids = torch.randint(0, 30, (4, 9))
+    delta = shift_with_dead_entries(S).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = function.embedding(ids, U, S, delta, Vh, 0, form)
+    assert y.dtype == torch.float32
+    y.sum().backward()
+    expected = delta.detach().clone().requires_grad_()
+    function.embedding(ids, U, S, expected, Vh, 0, form).sum().backward()
+    torch.testing.assert_close(delta.grad, expected.grad)
+
+
 # ---------------------------------------------------------------------- the cost model
 
 def test_cost_model_choices():
