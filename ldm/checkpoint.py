@@ -35,7 +35,7 @@ from ldm.compvis_layout import (UNET_PREFIX, VAE_PREFIX, detect_family,  # noqa:
                                 unet_config_from_state_dict, vae_config_from_state_dict)
 from ldm.diffusers_layout import diffusers_unet_name_to_compvis  # noqa: F401 (API)
 from ldm.family import FAMILIES, SUPPORTED, family_named
-from ldm.files import CheckpointError, file_format, read_single_file  # noqa: F401 (API)
+from ldm.files import CheckpointError, describe_mismatch, file_format, read_single_file  # noqa: F401 (API)
 from ldm.model import StableDiffusion
 from ldm.schedule import PREDICTION_TYPES, NoiseSchedule
 from ldm.unet import UNetConfig, UNetModel
@@ -296,18 +296,10 @@ def _pad_token_id(parts: Parts, tokenizer) -> tuple[int, str]:
 def _load_strict(module: torch.nn.Module, state_dict: dict, what: str, dtype, device) -> None:
     """Strict load (assign: no second copy) after our own key and shape check, which gives a
     one-line error. Consumes `state_dict`."""
-    expected = module.state_dict()
-    missing = sorted(expected.keys() - state_dict.keys())
-    unexpected = sorted(state_dict.keys() - expected.keys())
-    wrong = [k for k in sorted(expected.keys() & state_dict.keys())
-             if expected[k].shape != state_dict[k].shape]
-    if missing or unexpected or wrong:
-        example = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
-                   if unexpected else f"{wrong[0]}: file {tuple(state_dict[wrong[0]].shape)} vs "
-                   f"model {tuple(expected[wrong[0]].shape)}")
-        raise CheckpointError(f"{what} weights do not fit its config: {len(missing)} missing, "
-                              f"{len(unexpected)} unexpected, {len(wrong)} of another shape "
-                              f"(e.g. {example})")
+    problem = describe_mismatch({k: v.shape for k, v in state_dict.items()},
+                                {k: v.shape for k, v in module.state_dict().items()})
+    if problem:
+        raise CheckpointError(f"{what} weights do not fit its config: {problem}")
     for k, v in state_dict.items():  # in place, so each file tensor is freed once copied
         # a fresh torch allocation on the target device: file buffers (and mmap pages) are not
         # 64-byte aligned, which changes vectorized kernels' rounding; outputs then match the

@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import re
+import warnings
 import zipfile
 
 import torch
@@ -61,11 +62,14 @@ def _read_safetensors(path: str, meta: bool) -> tuple[dict, dict]:
         raise CheckpointError(f"{path}: corrupt safetensors file ({e})") from None
 
 
-def _read_pickle(path: str, meta: bool) -> tuple[dict, dict]:
-    """A torch.save file, tensors and containers only. Returns (state dict, {"global_step": ..})."""
+def load_pickle(path, mmap: bool = False):
+    """What a torch.save file holds, read with weights_only: tensors and plain containers only.
+    A pickle that needs code is refused, never run; a damaged file is refused too (both
+    CheckpointError, one line)."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True,
-                         mmap=zipfile.is_zipfile(path))
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of some files
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL (\S+)|Unsupported class (\S+)", str(e))
         name = found and (found.group(1) or found.group(2))
@@ -79,6 +83,11 @@ def _read_pickle(path: str, meta: bool) -> tuple[dict, dict]:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CheckpointError(f"{path}: unreadable PyTorch file ({type(e).__name__}: {first})") \
             from None
+
+
+def _read_pickle(path: str, meta: bool) -> tuple[dict, dict]:
+    """A torch.save file, tensors and containers only. Returns (state dict, {"global_step": ..})."""
+    obj = load_pickle(path, mmap=zipfile.is_zipfile(path))
     extras = {}
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         if isinstance(obj.get("global_step"), int):
@@ -90,6 +99,28 @@ def _read_pickle(path: str, meta: bool) -> tuple[dict, dict]:
     if meta:
         state_dict = {k: v.to("meta") for k, v in state_dict.items()}
     return state_dict, extras
+
+
+def describe_mismatch(found: dict[str, tuple], expected: dict[str, tuple]) -> str | None:
+    """None when `found` has exactly the names of `expected`, each with its shape; else one
+    line: "1 missing (a.b), 2 unexpected (c, d), 1 of another shape (e: (3,) where (4,) is
+    expected)". Both map names to shapes (tuples)."""
+    missing, unexpected = expected.keys() - found.keys(), found.keys() - expected.keys()
+    wrong = sorted(k for k in expected.keys() & found.keys() if tuple(found[k]) != tuple(expected[k]))
+    if not (missing or unexpected or wrong):
+        return None
+    parts = [f"{len(missing)} missing ({first_names(missing)})"] if missing else []
+    parts += [f"{len(unexpected)} unexpected ({first_names(unexpected)})"] if unexpected else []
+    if wrong:
+        parts.append(f"{len(wrong)} of another shape ({wrong[0]}: {tuple(found[wrong[0]])} where "
+                     f"{tuple(expected[wrong[0]])} is expected)")
+    return ", ".join(parts)
+
+
+def first_names(names, limit: int = 3) -> str:
+    """The first few names, sorted, for a one-line message: "a, b, c, ... (12 in all)"."""
+    names = sorted(names)
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
 def file_format(path: str) -> str | None:

@@ -35,6 +35,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from ldm.files import describe_mismatch, first_names
+
 FORMAT = "svdiff-shifts/1"
 
 
@@ -42,24 +44,11 @@ class ShiftFileError(ValueError):
     """A shift file or delta dict that does not fit; the message is one line."""
 
 
-def first_names(names, limit: int = 3) -> str:
-    """The first few names, sorted, for a one-line message: "a, b, c, ... (12 in all)"."""
-    names = sorted(names)
-    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
-
-
 def check_entries(deltas: Mapping[str, Tensor], expected: Mapping[str, tuple], source: str) -> None:
     """Refuse `deltas` unless its names are exactly `expected`'s and every shape matches."""
-    missing, extra = expected.keys() - deltas.keys(), deltas.keys() - expected.keys()
-    if missing or extra:
-        parts = [f"missing {first_names(missing)}"] if missing else []
-        parts += [f"unexpected {first_names(extra)}"] if extra else []
-        raise ShiftFileError(f"{source} does not fit this model: " + "; ".join(parts))
-    wrong = [n for n in deltas if tuple(deltas[n].shape) != tuple(expected[n])]
-    if wrong:
-        n = sorted(wrong)[0]
-        raise ShiftFileError(f"{source} does not fit this model: {len(wrong)} entries of the wrong shape, "
-                             f"e.g. {n} {tuple(deltas[n].shape)} where the model has {tuple(expected[n])}")
+    problem = describe_mismatch({name: tuple(d.shape) for name, d in deltas.items()}, dict(expected))
+    if problem:
+        raise ShiftFileError(f"{source} does not fit this model: {problem}")
 
 
 def write_atomically(write: Callable[[str], None], path: str | os.PathLike) -> None:

@@ -13,7 +13,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from spectral.io import ShiftFileError, first_names, read_safetensors
+from ldm.files import first_names
+from spectral.io import ShiftFileError, read_safetensors
 from spectral.norms import NORMS, ShiftedNorm
 
 

@@ -48,9 +48,9 @@ def test_refuses_another_base_model(tmp_path, deltas):
 
 
 @pytest.mark.parametrize("change,message", [
-    (lambda d: d.pop("unet.out.0"), "missing unet.out.0$"),
-    (lambda d: d.update({"unet.extra": torch.zeros(2)}), "unexpected unet.extra$"),
-    (lambda d: d.update({"unet.out.0": torch.zeros(15)}), r"wrong shape, e.g. unet.out.0 \(15,\) where the model has \(16,\)"),
+    (lambda d: d.pop("unet.out.0"), r"1 missing \(unet.out.0\)$"),
+    (lambda d: d.update({"unet.extra": torch.zeros(2)}), r"1 unexpected \(unet.extra\)$"),
+    (lambda d: d.update({"unet.out.0": torch.zeros(15)}), r"1 of another shape \(unet.out.0: \(15,\) where \(16,\) is expected\)"),
 ])
 def test_refuses_entries_that_do_not_fit(tmp_path, deltas, change, message):
     expected = shapes(deltas)
