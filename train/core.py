@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -40,7 +38,9 @@ from edit.grid import save_grid, to_pil
 from ldm import checkpoint
 from ldm.checkpoint import CheckpointError
 from train import config as run_config
-from train.data import DataError, save_atomically, warn
+from ldm.files import describe_mismatch, load_pickle
+from spectral.io import write_atomically
+from train.data import DataError, warn
 from train.log import TrainingLog, plot_losses
 
 # Defaults that depend on the model. SD: the paper's lr (DreamBooth's for a full fine-tune),
@@ -157,22 +157,16 @@ def save_checkpoint(path, step: int, model, optimizer, scaler, fingerprint: str,
              "rng": torch.get_rng_state(),
              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
              "base_fingerprint": fingerprint, "args": json.dumps(run_config.as_dict(config))}
-    save_atomically(lambda temporary: torch.save(state, temporary), path)
+    write_atomically(lambda temporary: torch.save(state, temporary), path)
 
 
 CHECKPOINT_KEYS = {"step", "parameters", "optimizer", "scaler", "rng", "cuda_rng", "base_fingerprint", "args"}
 
 
 def read_checkpoint(path: Path, what: str) -> dict:
-    """A save_checkpoint file's contents. Read with weights_only: a file that would need code to
-    unpickle is refused, never run; so are truncated, foreign and random files (DataError)."""
-    try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols on foreign files
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
-        reason = str(error).split("\n")[0][:120]
-        raise DataError(f"{what}: not a readable checkpoint ({type(error).__name__}: {reason})") from None
+    """A save_checkpoint file's contents. A file that would need code to unpickle is refused,
+    never run (ldm.files.load_pickle); so are damaged and foreign files (CheckpointError)."""
+    state = load_pickle(path)
     if not isinstance(state, dict) or not CHECKPOINT_KEYS <= state.keys():
         raise DataError(f"{what}: not a checkpoint written by a trainer of this project")
     return state
@@ -192,9 +186,11 @@ def load_checkpoint(path: Path, model, optimizer, scaler, fingerprint: str, conf
         raise DataError(f"{what} was trained on another base model (fingerprint "
                         f"{state['base_fingerprint'][:12]}, this one {fingerprint[:12]})")
     parameters = trained_parameters(model)
-    if state["parameters"].keys() != parameters.keys():
-        raise DataError(f"{what} holds other trained tensors than this run makes "
-                        "(another --train-text-encoder / --method setting?)")
+    problem = describe_mismatch({k: v.shape for k, v in state["parameters"].items()},
+                                {k: p.shape for k, p in parameters.items()})
+    if problem:
+        raise DataError(f"{what} holds other trained tensors than this run makes (another "
+                        f"--train-text-encoder / --method setting?): {problem}")
     with torch.no_grad():
         for name, value in state["parameters"].items():
             parameters[name].copy_(value)
@@ -290,7 +286,7 @@ class Run:
             metadata = {"base_fingerprint": self.fingerprint,
                         "base_model": os.path.basename(self.config.model), **self.metadata,
                         "step": step, "training_args": run_config.as_dict(self.config)}
-            save_atomically(lambda path: self.trainable.save(path, metadata),
+            write_atomically(lambda path: self.trainable.save(path, metadata),
                             self.out / self.trainable.result_name)
         save_checkpoint(self.out / "checkpoint.pt", step, self.model, self.optimizer, self.scaler,
                         self.fingerprint, self.config)

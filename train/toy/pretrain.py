@@ -46,9 +46,10 @@ import torch
 from tqdm import tqdm
 
 from ldm.family import FAMILIES
+from spectral.io import write_atomically
 from train import config as run_config
 from train.config import option
-from train.data import save_atomically, step_generator, to_tensor
+from train.data import step_generator, to_tensor
 from train.toy import world
 from train.toy.tokenizer import build as build_tokenizer
 
@@ -155,7 +156,7 @@ def lr_constant(step, base, warmup):
 
 def save_state(path, state):
     """Atomic: a crash leaves either the old file or the new one, never half of one."""
-    save_atomically(lambda temporary: torch.save(state, temporary), path)
+    write_atomically(lambda temporary: torch.save(state, temporary), path)
 
 
 def log_row(path, row):
@@ -230,7 +231,7 @@ def encode_dataset(config, vae, work):
             means.append(posterior.mean)
             stds.append(posterior.std)
     data = dict(mean=torch.cat(means), std=torch.cat(stds), captions=[s.caption for s in scenes])
-    save_atomically(lambda temporary: torch.save(data, temporary), path)
+    write_atomically(lambda temporary: torch.save(data, temporary), path)
     return data
 
 
