@@ -89,7 +89,10 @@ class SVDCache:
         problem = _check(matrix, key, stored, metadata)
         if problem:
             return self._reject(path, problem)
-        return Factors(stored["U"], stored["S"], stored["Vh"])
+        # fresh allocations, as svd() returns: tensors read from a file are not 64-byte aligned,
+        # which changes how vectorized kernels round, so a run on cached factors would differ
+        # in the last bits from the first run that computed them (and --resume from both)
+        return Factors(stored["U"].clone(), stored["S"].clone(), stored["Vh"].clone())
 
     def compute(self, matrix: Tensor, key: str) -> Factors:
         """SVD of `matrix`, stored under `key` (written atomically: a crash never leaves a
