@@ -36,7 +36,6 @@ import torch.nn as nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ldm.family import HF_CLIP, OPENCLIP, family_named
-from ldm.family import sd1_text_config, sd2_text_config  # noqa: F401 (API: each family's tower)
 
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"          # OpenAI CLIP's merges, shipped by open_clip / clip
 CLIP_MERGES = 49152 - 256 - 2                      # merges CLIP uses: vocab 49408 = 2 * 256 + merges + 2

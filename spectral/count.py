@@ -46,7 +46,7 @@ def count(model: nn.Module) -> dict[str, int]:
 def build(family: str) -> dict[str, nn.Module]:
     """UNet and text encoder of the family, on the meta device."""
     from transformers import CLIPTextModel
-    from ldm.text import sd1_text_config, sd2_text_config
+    from ldm.family import sd1_text_config, sd2_text_config
     from ldm.unet import UNetConfig, UNetModel
     sd15 = family == "sd15"
     with torch.device("meta"):

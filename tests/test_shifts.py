@@ -89,18 +89,18 @@ def test_cli_shift(tmp_path, monkeypatch, capsys):
     loaded = ckpt.load(str(tmp_path / "tiny.safetensors"))
     base_fingerprint = loaded.base_fingerprint()
     save(tmp_path / "a.safetensors", random_shift(loaded, 1), base_fingerprint)
-    common = ["--model", str(tmp_path / "tiny.safetensors"), "--prompt", "a photo", "--n", "1",
-              "--steps", "2", "--size", "16", "--quiet", "--plain"]
-    assert sample.main(common + ["--out", str(tmp_path / "base.png")]) == 0
+    common = ["--model", str(tmp_path / "tiny.safetensors"), "--prompt", "a photo", "--num-images", "1",
+              "--sample-steps", "2", "--size", "16", "--quiet", "--plain"]
+    assert sample.main(common + ["--output", str(tmp_path / "base.png")]) == 0
     assert sample.main(common + ["--shift", str(tmp_path / "a.safetensors:2"),
-                                 "--out", str(tmp_path / "shifted.png")]) == 0
+                                 "--output", str(tmp_path / "shifted.png")]) == 0
     assert (tmp_path / "base.png").read_bytes() != (tmp_path / "shifted.png").read_bytes()
     # a half-precision run checks the file against the float32 weights it was trained on
     assert sample.main(common + ["--shift", str(tmp_path / "a.safetensors"), "--dtype", "bfloat16",
-                                 "--out", str(tmp_path / "half.png")]) == 0
+                                 "--output", str(tmp_path / "half.png")]) == 0
 
     save(tmp_path / "other.safetensors", {"unet.out.2": torch.zeros(4)}, "0" * 32)
     assert sample.main(common + ["--shift", str(tmp_path / "other.safetensors"),
-                                 "--out", str(tmp_path / "x.png")]) == 2
+                                 "--output", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "another base model" in err[0]
