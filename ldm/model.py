@@ -115,12 +115,14 @@ class StableDiffusion:
     def generate(self, prompts: list[str], negative_prompt: str = "", steps: int = 25,
                  guidance: float = 7.5, eta: float = 0.0, seed: int | None = None,
                  generator: torch.Generator | None = None, height: int | None = None,
-                 width: int | None = None, progress: bool = True) -> torch.Tensor:
+                 width: int | None = None, progress: bool = True,
+                 batch_size: int | None = None) -> torch.Tensor:
         """Text to image with DDIM and classifier-free guidance:
         out = out(uncond) + guidance * (out(cond) - out(uncond)), uncond = the negative prompt.
         Returns images (B, 3, H, W) in [0, 1], float32 on the model's device. The starting noise
         is drawn on the CPU from `generator` (or a fresh one seeded with `seed`), so a seed gives
-        the same images on every device."""
+        the same images on every device. batch_size: at most that many prompts at a time, the
+        batches drawing one after another from the same generator."""
         height, width = height or self.image_size, width or self.image_size
         f = self.latent_factor
         multiple = f * 2 ** (len(self.unet.config.channel_mult) - 1)  # the UNet halves too
@@ -133,6 +135,11 @@ class StableDiffusion:
             else:
                 generator.manual_seed(seed)
         prompts = list(prompts)
+        if batch_size and len(prompts) > batch_size:
+            return torch.cat([self.generate(prompts[i:i + batch_size], negative_prompt, steps, guidance,
+                                            eta, generator=generator, height=height, width=width,
+                                            progress=progress)
+                              for i in range(0, len(prompts), batch_size)])
         cond = self.encode_prompts(prompts)
         uncond = self.encode_prompts([negative_prompt] * len(prompts)) if guidance != 1 else None
         shape = (len(prompts), self.vae.config.embed_dim, height // f, width // f)

@@ -49,6 +49,19 @@ def test_generate_is_ddim_then_decode(saved):
 
 
 @torch.no_grad()
+@torch.no_grad()
+def test_generate_in_batches_draws_them_one_after_another(saved):
+    """batch_size=2 over 3 prompts: the first two, then the third, from one generator."""
+    model, _ = saved
+    prompts = ["a red star", "a blue circle", "a photo of a cat"]
+    batched = model.generate(prompts, steps=2, seed=3, progress=False, batch_size=2)
+    g = torch.Generator().manual_seed(3)
+    first = model.generate(prompts[:2], steps=2, generator=g, progress=False)
+    second = model.generate(prompts[2:], steps=2, generator=g, progress=False)
+    assert torch.equal(batched, torch.cat([first, second]))
+    assert not torch.equal(batched[2], model.generate(prompts[2:], steps=2, seed=3, progress=False)[0])
+
+
 def test_generate_in_bfloat16(tmp_path):
     """Half-precision weights: contexts and latents follow the UNet's dtype, the sampler and
     the returned images stay float32."""

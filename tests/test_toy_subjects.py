@@ -4,6 +4,7 @@ counts, on images whose content is known."""
 import hashlib
 
 import numpy as np
+import torch
 from PIL import Image
 
 from train.toy import subjects, world
@@ -29,14 +30,18 @@ def test_instance_images_are_the_renders_train_single_used(tmp_path):
     assert hashlib.sha256(pixels.tobytes()).hexdigest() == INSTANCE_PIXELS_SHA256   # PNG is lossless
 
 
-def test_measure_counts_what_the_reader_sees(monkeypatch):
+def test_measure_counts_what_the_reader_sees():
     """Instance prompts get renders of the subject, class prompts plain stars but for one
     subject among 8: fidelity 1, drift 1/8, prompts placed in turn, both sets seeded alike."""
     rng = np.random.default_rng(0)
     asked = []
 
-    def fake_generate(model, prompts, steps, guidance, seed):
-        asked.append((list(prompts), steps, guidance, seed))
+    class FakeModel:  # hands out renders, as floats in [0, 1] like StableDiffusion.generate
+        def generate(self, prompts, steps, guidance, seed, progress, batch_size):
+            asked.append((list(prompts), steps, guidance, seed))
+            return torch.from_numpy(render(prompts)).permute(0, 3, 1, 2).float() / 255
+
+    def render(prompts):
         if "sks" in prompts[0]:
             scenes = [world.subject_scene("striped_star", rng) for _ in prompts]
         else:
@@ -45,8 +50,7 @@ def test_measure_counts_what_the_reader_sees(monkeypatch):
                                   "white", "a red star") for i in range(len(prompts))]
         return np.stack([world.render(s) for s in scenes])
 
-    monkeypatch.setattr(subjects.reader, "generate", fake_generate)
-    fidelity, drift = subjects.measure(None, "striped_star", "a sks star", "a star", samples=8,
+    fidelity, drift = subjects.measure(FakeModel(), "striped_star", "a sks star", "a star", samples=8,
                                        sample_steps=7, guidance=3.0, seed=5)
     assert (fidelity, drift) == (1.0, 1 / 8)
     assert asked[0][0] == ["a sks star", "a sks star on the left", "a sks star in the center",

@@ -298,9 +298,9 @@ def bundle(vae, unet, text):
 def sample_grid(config, unet, text, schedule, work, step):
     """Two samples per SAMPLE_PROMPTS entry (columns), EMA weights, PNG in work/samples/."""
     from edit.grid import save_grid
-    from train.toy.reader import generate
-    images = generate(bundle(sample_grid.vae, unet, text), SAMPLE_PROMPTS * 2,
-                      steps=config.sample_steps, guidance=config.guidance, seed=config.seed)
+    images = bundle(sample_grid.vae, unet, text).generate(
+        SAMPLE_PROMPTS * 2, steps=config.sample_steps, guidance=config.guidance, seed=config.seed,
+        progress=False, batch_size=50)
     os.makedirs(os.path.join(work, "samples"), exist_ok=True)
     path = os.path.join(work, "samples", f"step_{step:06d}.png")
     save_grid(images, path, columns=len(SAMPLE_PROMPTS), padding=4, scale=4)

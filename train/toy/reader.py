@@ -142,9 +142,12 @@ def load_reader(path=READER_PATH):
 
 @torch.no_grad()
 def read(images, reader=None):
-    """uint8 (n, 32, 32, 3) -> per image a list of objects, left to right:
+    """uint8 (n, 32, 32, 3) renders, or generated images (n, 3, 32, 32) in [0, 1] (read as the
+    uint8 pixels a PNG of them holds) -> per image a list of objects, left to right:
     [{"position", "shape", "color", "pattern"}]; color is None for a subject."""
     reader = reader or load_reader()
+    if isinstance(images, torch.Tensor):
+        images = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     x = to_tensor(images, memory_format=torch.channels_last)    # as in reader_data
     shape, color, pattern = (l.argmax(-1) for l in reader(x))
     out = []
@@ -235,17 +238,6 @@ def prior_drift(readings, subject):
 
 # ---------------------------------------------------------------- the quality bar
 
-def generate(model, prompts, steps=25, guidance=4.0, seed=0, batch_size=50):
-    """uint8 (n, H, W, 3) samples of a StableDiffusion, one per prompt, seeded."""
-    generator = torch.Generator().manual_seed(seed)
-    images = []
-    for i in range(0, len(prompts), batch_size):
-        x = model.generate(prompts[i:i + batch_size], steps=steps, guidance=guidance,
-                           generator=generator, progress=False)
-        images.append((x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
-    return np.concatenate(images)
-
-
 def prompt_sets(n, seed=0):
     """The standard prompt sets, n prompts each: single objects (every color x shape in turn),
     single objects with a position, two objects with positions (random, seeded)."""
@@ -275,7 +267,8 @@ def quality_bar(model, eval_samples=100, sample_steps=25, guidance=4.0, seed=0, 
     reader = reader or load_reader()
     table = {}
     for name, prompts in prompt_sets(eval_samples, seed).items():
-        images = generate(model, prompts, sample_steps, guidance, seed)
+        images = model.generate(prompts, steps=sample_steps, guidance=guidance, seed=seed,
+                                progress=False, batch_size=50)
         table[name] = accuracy(prompts, read(images, reader))
         if output_dir:
             from edit.grid import save_grid

@@ -53,6 +53,7 @@ def measure(model, subject, instance_prompt, class_prompt, samples, sample_steps
     for prompt, share in ((instance_prompt, reader.subject_fidelity),
                           (class_prompt, reader.prior_drift)):
         prompts = [prompt + PLACES[i % len(PLACES)] for i in range(samples)]
-        images = reader.generate(model, prompts, steps=sample_steps, guidance=guidance, seed=seed)
+        images = model.generate(prompts, steps=sample_steps, guidance=guidance, seed=seed,
+                                progress=False, batch_size=50)
         shares.append(share(reader.read(images, image_reader), subject))
     return tuple(shares)
