@@ -209,32 +209,40 @@ class Killed(BaseException):
     """Stands for a kill: not an Exception, so nothing in train() handles it."""
 
 
+def stop_in_call(monkeypatch, n, error):
+    """The n-th diffusion_loss call raises `error` (a kill, a Ctrl-C); undo() restores it."""
+    calls = {"n": 0}
+    real_loss = single.diffusion_loss
+
+    def stopping(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise error
+        return real_loss(*a, **k)
+
+    monkeypatch.setattr(single, "diffusion_loss", stopping)
+    return lambda: monkeypatch.setattr(single, "diffusion_loss", real_loss)
+
+
+def assert_same_shifts(first, second):
+    a, _ = spectral.load_shifts(first / "spectral_shifts.safetensors")
+    b, metadata = spectral.load_shifts(second / "spectral_shifts.safetensors")
+    assert a.keys() == b.keys() and metadata["step"] == 6
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
 def test_resume_after_a_kill_gives_the_uninterrupted_result(files, tmp_path, monkeypatch):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     common = ("--steps", "6", "--save-every", "3")
     assert single.main(argv(files, whole, *common)) == 0
-
-    calls = {"n": 0}
-    real_loss = single.diffusion_loss
-
-    def dies_in_step_5(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise Killed()
-        return real_loss(*a, **k)
-
-    monkeypatch.setattr(single, "diffusion_loss", dies_in_step_5)
+    undo = stop_in_call(monkeypatch, 5, Killed())
     with pytest.raises(Killed):
         single.main(argv(files, killed, *common))
-    monkeypatch.setattr(single, "diffusion_loss", real_loss)
+    undo()
     assert [int(r["step"]) for r in read_log(killed / "log.csv")] == [1, 2, 3, 4]
     assert single.main(argv(files, killed, *common, "--resume")) == 0
-
-    a, _ = spectral.load_shifts(whole / "spectral_shifts.safetensors")
-    b, metadata = spectral.load_shifts(killed / "spectral_shifts.safetensors")
-    assert metadata["step"] == 6 and a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    assert_same_shifts(whole, killed)
     assert ([r["loss"] for r in read_log(whole / "log.csv")] ==
             [r["loss"] for r in read_log(killed / "log.csv")])
 
@@ -243,26 +251,15 @@ def test_ctrl_c_names_the_last_save_and_resume_continues_exactly(files, tmp_path
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     common = ("--steps", "6", "--save-every", "3", "--prior-loss-weight", "0")
     assert single.main(argv(files, whole, *common)) == 0
-    calls = {"n": 0}
-    real_loss = single.diffusion_loss
-
-    def ctrl_c_in_step_5(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return real_loss(*a, **k)
-
-    monkeypatch.setattr(single, "diffusion_loss", ctrl_c_in_step_5)
+    undo = stop_in_call(monkeypatch, 5, KeyboardInterrupt())
     capsys.readouterr()
     assert single.main(argv(files, stopped, *common)) == 130
     assert error_line(capsys) == (f"interrupted at step 5; the last save is step 3 "
                                   f"({stopped / 'checkpoint.pt'}); continue with the same command "
                                   "and --resume")
-    monkeypatch.setattr(single, "diffusion_loss", real_loss)
+    undo()
     assert single.main(argv(files, stopped, *common, "--resume")) == 0
-    a, _ = spectral.load_shifts(whole / "spectral_shifts.safetensors")
-    b, _ = spectral.load_shifts(stopped / "spectral_shifts.safetensors")
-    assert all(torch.equal(a[name], b[name]) for name in a)
+    assert_same_shifts(whole, stopped)
 
 
 # --- bad input: one line each, exit code 2 (1 for a diverged run) ------------------------------
