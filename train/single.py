@@ -167,13 +167,13 @@ def train(config: SingleConfig):
             images.build_cache(encode)
     trainable = METHODS[config.method](model, config.train_text_encoder, config.svd_cache)
     prompts = [config.instance_prompt, config.class_prompt][:len(image_sets)]
-    token_ids = model.text_encoder.tokenize(prompts).repeat_interleave(config.batch_size, 0).to(model.device)
     B, device, scale = config.batch_size, model.device, model.vae.config.scale_factor
+    token_ids = model.text_encoder.tokenize(prompts).repeat_interleave(B, 0).to(device)
     metadata = {"instance_prompt": config.instance_prompt, "class_prompt": config.class_prompt}
+    shown = [p for p in (config.instance_prompt, config.class_prompt) if p]  # drift shows too
 
     with core.Run(config, model, trainable, fingerprint, metadata,
-                  log_fields=("loss", "instance_loss", "prior_loss"),
-                  validation_prompts=[p for p in (config.instance_prompt, config.class_prompt) if p]) as run:
+                  log_fields=("loss", "instance_loss", "prior_loss"), validation_prompts=shown) as run:
         for step in run.steps():
             # the batch: B subject images, then B prior images; t and noise per image
             generator = data.step_generator(config.seed, step)
@@ -183,10 +183,9 @@ def train(config: SingleConfig):
             with core.autocast(config, device):
                 context = model.text_encoder(token_ids)
                 per_sample = diffusion_loss(model, latents.to(device), context, t.to(device), noise.to(device))
-            loss = instance_loss = per_sample[:B].mean()
+            instance_loss = per_sample[:B].mean()
             prior_loss = per_sample[B:].mean() if prior is not None else torch.zeros(())
-            if prior is not None:
-                loss = instance_loss + config.prior_loss_weight * prior_loss
+            loss = instance_loss + config.prior_loss_weight * prior_loss if prior is not None else instance_loss
             run.step(step, loss, instance_loss=instance_loss, prior_loss=prior_loss)
         run.finish()
 
