@@ -66,6 +66,8 @@ def load_pickle(path, mmap: bool = False):
     """What a torch.save file holds, read with weights_only: tensors and plain containers only.
     A pickle that needs code is refused, never run; a damaged file is refused too (both
     CheckpointError, one line)."""
+    if file_format(path) != "pickle":
+        raise CheckpointError(f"{path}: not a PyTorch file (neither a torch zip archive nor a pickle)")
     try:
         with warnings.catch_warnings():  # torch warns about the pickle protocol of some files
             warnings.simplefilter("ignore")
@@ -80,7 +82,8 @@ def load_pickle(path, mmap: bool = False):
                               f"{what}; it was not unpickled. Convert it to .safetensors with a "
                               "tool you trust") from None
     except Exception as e:  # corrupt zip, truncated stream, ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        # the first sentence: torch's messages go on for lines about what may have happened
+        first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else ""
         raise CheckpointError(f"{path}: unreadable PyTorch file ({type(e).__name__}: {first})") \
             from None
 

@@ -1,0 +1,192 @@
+"""Bad inputs, every command: each case asserts the exit code, one message line (argparse's usage
+block and "warning:" lines aside), no traceback, and that every file on disk before the command
+is byte-identical after it (nothing lost).
+
+A case is (command, argv, exit code, a piece of the message). argv may name the workspace's
+files with {placeholders} (see `workspace`). Commands run in this process, through their
+`main(argv)`, so an uncaught exception (a traceback) fails the case.
+"""
+
+import hashlib
+import importlib
+import os
+import pickle
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldm import checkpoint
+from tiny import tiny_model
+
+
+@dataclass(frozen=True)
+class Case:
+    command: str            # a module with main(argv)
+    argv: tuple[str, ...]   # {placeholders}: the workspace's paths
+    exit: int
+    message: str            # a piece of the last line on stderr
+    label: str              # what the case tries, for pytest's test id
+
+    def __str__(self):
+        return self.label
+
+
+def case(command, argv, exit, message, label=None):
+    """argv as a shell would split it: quote arguments with spaces."""
+    return Case(command, tuple(shlex.split(argv)), exit, message, label or f"{command} {argv}")
+
+
+# --------------------------------------------------------------------------- the workspace
+
+class Evil:
+    """A pickle payload: unpickling it would run code."""
+    def __reduce__(self):
+        return (os.system, ("echo unpickled",))
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A tiny SD 1 model with its tokenizer, the subject's images, an earlier finished run,
+    damaged checkpoints, and a few plain files: {name: path} for the cases' placeholders."""
+    root = tmp_path_factory.mktemp("bad-inputs")
+    paths = {"root": str(root)}
+    model = tiny_model("sd1", tokenizer_dir=str(root / "tokenizer"))
+    paths["model"] = str(root / "model.safetensors")
+    checkpoint.save_single_file(paths["model"], model)
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    paths["images"], paths["svd"] = str(images), str(root / "svd")
+    paths["file"] = str(root / "notes.txt")
+    (root / "notes.txt").write_text("a plain file\n")
+    paths["empty"] = str(root / "empty")
+    (root / "empty").mkdir()
+    # an earlier run, finished; and runs whose checkpoint.pt is damaged or foreign
+    from train import single
+    paths["run"] = str(root / "run")
+    assert single.main(train_argv(paths, "{run}", "--steps", "2")) == 0
+    damaged = {"truncated": (root / "run" / "checkpoint.pt").read_bytes()[:1000],
+               "random": rng.integers(0, 255, 5000, dtype=np.uint8).tobytes(),
+               "payload": pickle.dumps({"x": Evil()}), "foreign": None}
+    for name, content in damaged.items():
+        folder = root / f"run-{name}"
+        folder.mkdir()
+        if content is None:
+            torch.save({"state_dict": {"w": torch.zeros(2)}}, folder / "checkpoint.pt")
+        else:
+            (folder / "checkpoint.pt").write_bytes(content)
+        paths[f"run_{name}"] = str(folder)
+    return paths
+
+
+def train_argv(paths, output, *extra):
+    """train.single on the tiny model and the workspace's images: quick settings."""
+    return ["--model", paths["model"], "--instance-dir", paths["images"],
+            "--instance-prompt", "a sks star", "--class-prompt", "a star", "--prior-loss-weight", "0",
+            "--batch-size", "1", "--sample-steps", "1", "--validation-every", "0",
+            "--eval-samples", "0", "--svd-cache", paths["svd"], "--threads", "1",
+            "--output-dir", output.format(**paths), *extra]
+
+
+# --------------------------------------------------------------------------- the cases
+
+TRAIN = "--model {model} --instance-dir {images} --instance-prompt 'a sks star' --prior-loss-weight 0 " \
+        "--batch-size 1 --sample-steps 1 --eval-samples 0 --svd-cache {svd} --threads 1"
+
+
+def train(extra, exit, message, output="{root}/new"):
+    return case("train.single", f"{TRAIN} --output-dir {output} {extra}", exit, message,
+                label=f"train.single {extra} [--output-dir {output}]")
+
+
+TRAIN_SINGLE = [
+    train("", 2, "holds an earlier run", output="{run}"),
+    train("--resume --overwrite", 2, "give one of them", output="{run}"),
+    train("--resume --steps 1", 2, "past --steps 1; give --steps 2 or more", output="{run}"),
+    train("--resume", 2, "unreadable PyTorch file (RuntimeError", output="{run_truncated}"),
+    train("--resume", 2, "not a PyTorch file", output="{run_random}"),
+    train("--resume", 2, "it was not unpickled", output="{run_payload}"),
+    train("--resume", 2, "not a checkpoint written by a trainer", output="{run_foreign}"),
+    train("--resume", 2, "no checkpoint there", output="{empty}"),
+    train("", 2, "--output-dir {file}: is a file", output="{file}"),
+    train("--prior-loss-weight 1 --class-prompt 'a star' --class-dir {file}", 2, "is a file"),
+    train("--threads -1", 2, "--threads must be at least 1, got -1"),
+    train("--threads 0", 2, "--threads must be at least 1, got 0"),
+    train("--resolution -32", 2, "--resolution must be at least 1"),
+    train("--resolution 0", 2, "--resolution must be at least 1"),
+    train("--resolution 18", 2, "--resolution 18: must be a multiple of 4"),
+    train("--lr nan", 2, "--lr must be a finite number, got nan"),
+    train("--lr inf", 2, "--lr must be a finite number, got inf"),
+    train("--lr -0.001", 2, "--lr must not be negative"),
+    train("--lr-1d nan", 2, "--lr-1d must be a finite number"),
+    train("--guidance nan", 2, "--guidance must be a finite number"),
+    train("--guidance -1", 2, "--guidance must not be negative"),
+    train("--prior-loss-weight inf", 2, "--prior-loss-weight must be a finite number"),
+    train("--steps 0", 2, "--steps must be at least 1, got 0"),
+    train("--steps x", 2, "invalid int value: 'x'"),
+    train("--batch-size 0", 2, "--batch-size must be at least 1"),
+    train("--save-every 0", 2, "--save-every must be at least 1"),
+    train("--sample-steps 0", 2, "--sample-steps must be at least 1"),
+    train("--validation-every -1", 2, "--validation-every must not be negative"),
+    train("--num-class-images 0", 2, "--num-class-images must be at least 1"),
+    train("--mixed-precision fp8", 2, "invalid choice: 'fp8'"),
+    train("--method lora", 2, "invalid choice: 'lora'"),
+    train("--method full --train-text-encoder", 2, "--method full trains the UNet only"),
+    train("--device gpu0", 2, "--device: unknown device 'gpu0'"),
+    train("--tokenizer {empty}", 2, "no tokenizer.json or vocab.json + merges.txt"),
+    train("--instance-dir {empty}", 2, "the directory is empty"),
+    train("--instance-dir {root}/missing", 2, "no such directory"),
+    train("--instance-dir {file}", 2, "not a directory"),
+    train("--model {file}", 2, "not a checkpoint"),
+    train("--model {root}/missing.safetensors", 2, "no such file"),
+    train("--prior-loss-weight 1 --class-prompt 'a dog'", 2, "lacks the class word(s) dog"),
+]
+EDIT_SAMPLE = []        # edit.sample
+LDM_INFO = []           # ldm.info
+SPECTRAL_COUNT = []     # spectral.count
+TOY_COMMANDS = []       # train.toy.pretrain, train.toy.reader, train.toy.world, train.toy.tokenizer
+CASES = TRAIN_SINGLE + EDIT_SAMPLE + LDM_INFO + SPECTRAL_COUNT + TOY_COMMANDS
+
+
+# --------------------------------------------------------------------------- running a case
+
+def snapshot(root: Path) -> dict[str, str]:
+    """{relative path: sha256} of every file under root."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def message_lines(stderr: str) -> list[str]:
+    """stderr without argparse's usage block and without warnings."""
+    lines, in_usage = [], False
+    for line in stderr.splitlines():
+        in_usage = line.startswith("usage:") or (in_usage and line.startswith(" "))
+        if line.strip() and not in_usage and not line.startswith("warning:"):
+            lines.append(line)
+    return lines
+
+
+@pytest.mark.parametrize("bad", CASES, ids=str)
+def test_bad_input(bad, workspace, capsys):
+    root = Path(workspace["root"])
+    before = snapshot(root)
+    argv = [a.format(**workspace) for a in bad.argv]
+    try:
+        code = importlib.import_module(bad.command).main(argv)
+    except SystemExit as error:
+        code = error.code
+    stderr = capsys.readouterr().err
+    lines = message_lines(stderr)
+    assert "Traceback" not in stderr
+    assert code == bad.exit, stderr
+    assert len(lines) == 1, stderr
+    assert bad.message.format(**workspace) in lines[0], lines[0]
+    after = snapshot(root)
+    assert {path: after.get(path) for path in before} == before, "a file on disk was changed"
