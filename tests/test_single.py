@@ -169,6 +169,8 @@ def test_train_text_encoder_adds_text_shifts(files, tmp_path, monkeypatch, text_
 @pytest.mark.parametrize("flags, autocast, checkpointing", [
     ([], False, False),
     (["--mixed-precision", "bf16", "--prior-loss-weight", "0"], torch.bfloat16, False),
+    # the bundled model's default: the text encoder's shifts too, its embedding tables included
+    (["--mixed-precision", "bf16", "--prior-loss-weight", "0", "--train-text-encoder"], torch.bfloat16, False),
     (["--gradient-checkpointing"], False, True)])
 def test_mixed_precision_and_checkpointing_reach_the_loss(files, tmp_path, monkeypatch, flags,
                                                           autocast, checkpointing):
