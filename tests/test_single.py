@@ -115,6 +115,8 @@ def test_run_writes_its_files_and_the_shift_file_fits_only_its_base(files, tmp_p
     for name in ("spectral_shifts.safetensors", "checkpoint.pt", "log.csv", "loss.png",
                  "samples/step-00000.png", "samples/step-00003.png"):
         assert (out / name).is_file(), name
+    for name in ("spectral_shifts.safetensors", "checkpoint.pt"):   # as readable as the rest
+        assert (out / name).stat().st_mode & 0o777 == (out / "log.csv").stat().st_mode & 0o777, name
     rows = read_log(out / "log.csv")
     assert [int(r["step"]) for r in rows] == [1, 2, 3]
     assert all(math.isfinite(float(r["loss"])) and float(r["prior_loss"]) > 0 for r in rows)
