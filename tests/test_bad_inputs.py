@@ -148,7 +148,51 @@ TRAIN_SINGLE = [
     train("--model {root}/missing.safetensors", 2, "no such file"),
     train("--prior-loss-weight 1 --class-prompt 'a dog'", 2, "lacks the class word(s) dog"),
 ]
-EDIT_SAMPLE = []        # edit.sample
+EDIT_SAMPLE = [         # edit.sample: (flags after quick settings, message); the last --output counts
+    *(case("edit.sample", "--model {model} --prompt 'a red star' --sample-steps 1 --num-images 1 "
+           f"--quiet --svd-cache {{svd}} --output {{root}}/new.png {extra}", 2, message,
+           label=f"edit.sample {extra}")
+      for extra, message in [
+          ("--output {images}/0.png", "--output: {images}/0.png exists; replace it with --overwrite"),
+          ("--output {empty}", "--output {empty}: is a directory"),
+          ("--output {root}/missing/grid.png", "--output: no such folder {root}/missing"),
+          ("--output {file}", "--output must name a .png file"),
+          ("--guidance nan", "--guidance must be a finite number, got nan"),
+          ("--guidance inf", "--guidance must be a finite number, got inf"),
+          ("--guidance -1", "--guidance must not be negative"),
+          ("--eta nan", "--eta must be a finite number"),
+          ("--eta -0.5", "--eta must not be negative"),
+          ("--eta 2", "--eta must be at most 1, got 2.0"),
+          ("--size 0", "--size must be at least 8, got 0"),
+          ("--size -32", "--size must be at least 8"),
+          ("--size 34", "image size must be a multiple of"),
+          ("--num-images 0", "--num-images must be at least 1, got 0"),
+          ("--num-images -1", "--num-images must be at least 1"),
+          ("--sample-steps 0", "--sample-steps must be at least 1"),
+          ("--sample-steps 1000", "--sample-steps must be at most 999"),
+          ("--seed -1", "--seed must not be negative, got -1"),
+          ("--seed 18446744073709551616", "--seed must be at most 18446744073709551615"),
+          ("--seed x", "invalid int value: 'x'"),
+          ("--shift {run}/spectral_shifts.safetensors:nan", "the weight must be a finite number, got nan"),
+          ("--shift {run}/spectral_shifts.safetensors:inf", "the weight must be a finite number, got inf"),
+          ("--shift {run}/spectral_shifts.safetensors:abc", "the weight after the last ':' is not a number"),
+          ("--shift {root}/missing.safetensors", "no such shift file"),
+          ("--shift {file}", "not a readable safetensors file"),
+          ("--shift {run}/checkpoint.pt", "not a readable safetensors file"),
+          ("--shift {model}", "metadata is not JSON"),    # a checkpoint, not a shift file
+          ("--shift {run}/spectral_shifts.safetensors --svd-cache {file}", "--svd-cache {file}: is a file"),
+          ("--model {root}/missing.safetensors", "no such file"),
+          ("--model {file}", "not a checkpoint"),
+          ("--model {run}/checkpoint.pt", "no Stable Diffusion UNet keys"),
+          ("--model {empty}", "not a diffusers folder"),
+          ("--tokenizer {empty}", "no tokenizer.json or vocab.json + merges.txt"),
+          ("--device gpu0", "--device: unknown device 'gpu0'"),
+          ("--dtype float8", "invalid choice: 'float8'"),
+      ]),
+    # the run's shift fits {model}, not the default (bundled) model
+    case("edit.sample", "--prompt 'a red star' --quiet --output {root}/new.png "
+         "--shift {run}/spectral_shifts.safetensors", 2, "was trained on another base model"),
+]
 LDM_INFO = []           # ldm.info
 SPECTRAL_COUNT = []     # spectral.count
 TOY_COMMANDS = []       # train.toy.pretrain, train.toy.reader, train.toy.world, train.toy.tokenizer
