@@ -40,3 +40,17 @@ def test_world_preview_and_tokenizer_commands(tmp_path, capsys):
     assert len(capsys.readouterr().out.splitlines()) == 32          # one caption per scene
     tokenizer.main(["--output-dir", str(tmp_path / "tokenizer")])
     assert sorted(p.name for p in (tmp_path / "tokenizer").iterdir()) == ["merges.txt", "vocab.json"]
+
+def test_world_and_tokenizer_replace_their_files_only_with_overwrite(tmp_path, capsys):
+    """Refused (exit 2, files kept) without --overwrite; replaced with it."""
+    (tmp_path / "tokenizer").mkdir()
+    for name in ("preview.png", "tokenizer/vocab.json"):
+        (tmp_path / name).write_text("earlier")
+    for command, argv in ((world, ["--output", str(tmp_path / "preview.png")]),
+                          (tokenizer, ["--output-dir", str(tmp_path / "tokenizer")])):
+        with pytest.raises(SystemExit) as refused:
+            command.main(argv)
+        assert refused.value.code == 2 and "--overwrite" in capsys.readouterr().err
+        command.main(argv + ["--overwrite"])
+    assert (tmp_path / "preview.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "tokenizer" / "vocab.json").read_text())["a</w>"] > 0
