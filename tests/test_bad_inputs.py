@@ -195,7 +195,55 @@ EDIT_SAMPLE = [         # edit.sample: (flags after quick settings, message); th
 ]
 LDM_INFO = []           # ldm.info
 SPECTRAL_COUNT = []     # spectral.count
-TOY_COMMANDS = []       # train.toy.pretrain, train.toy.reader, train.toy.world, train.toy.tokenizer
+TOY_COMMANDS = [        # train.toy.pretrain, train.toy.reader, train.toy.world, train.toy.tokenizer
+    # pretrain refused before its first step, never into weights/ or runs/ (the last flag counts)
+    *(case("train.toy.pretrain", f"--output-dir {{root}}/toy --work-dir {{root}}/toy-work {extra}",
+           2, message, label=f"train.toy.pretrain {extra}")
+      for extra, message in [
+          ("--work-dir {run}", "holds an earlier run's files (log.csv); continue that run with "
+                               "--resume, or replace it with --overwrite"),
+          ("--output-dir {root}", "holds an earlier run's files (tokenizer/vocab.json, tokenizer/"
+                                  "merges.txt); replace them with --overwrite, or give another --output-dir"),
+          ("--output-dir {file}", "--output-dir {file}: is a file, not a directory"),
+          ("--work-dir {file}", "--work-dir {file}: is a file, not a directory"),
+          ("--resume --work-dir {empty}", "holds no state.pt to continue"),
+          ("--steps 0", "--steps must be at least 1, got 0"),
+          ("--lr nan", "--lr must be a finite number, got nan"),
+          ("--vae-lr -1", "--vae-lr must not be negative"),
+          ("--kl-weight inf", "--kl-weight must be a finite number"),
+          ("--warmup 0", "--warmup must be at least 1"),
+          ("--ema 1", "--ema must be below 1, got 1.0"),
+          ("--ema -0.5", "--ema must not be negative"),
+          ("--p-uncond 1.5", "--p-uncond must be at most 1, got 1.5"),
+          ("--guidance nan", "--guidance must be a finite number"),
+          ("--sample-steps 1000", "--sample-steps must be at most 999"),
+          ("--seed -1", "--seed must not be negative"),
+          ("--num-images 1", "--num-images must be at least 2"),
+          ("--threads -1", "--threads must not be negative"),
+          ("--channel-mult 2,0", "--channel-mult must be at least 1, got 0"),
+          ("--vae-ch 16", "the VAE / UNet settings do not fit together"),
+          ("--text-heads 3", "--text-width 64 must be a multiple of --text-heads 3"),
+      ]),
+    case("train.toy.reader", "--eval-samples 0", 2, "--eval-samples must be at least 1, got 0"),
+    case("train.toy.reader", "--sample-steps 0", 2, "--sample-steps must be at least 1"),
+    case("train.toy.reader", "--guidance nan", 2, "--guidance must be a finite number"),
+    case("train.toy.reader", "--seed -1", 2, "--seed must not be negative"),
+    case("train.toy.reader", "--output-dir {file}", 2, "--output-dir {file}: is a file"),
+    case("train.toy.reader", "--train-reader", 2, "evaluator.safetensors exists; replace it with --overwrite"),
+    case("train.toy.reader", "--model {root}/missing.safetensors", 2, "no such file"),
+    case("train.toy.reader", "--model {file}", 2, "not a checkpoint"),
+    case("train.toy.reader", "--model {run}/spectral_shifts.safetensors", 2, "no Stable Diffusion UNet keys"),
+    case("train.toy.reader", "--model {model} --tokenizer {empty}", 2, "no tokenizer.json"),
+    case("train.toy.world", "--output {images}/0.png", 2, "exists; replace it with --overwrite"),
+    case("train.toy.world", "--output {empty}", 2, "--output {empty}: is a directory"),
+    case("train.toy.world", "--output {root}/missing/world.png", 2, "no such folder"),
+    case("train.toy.world", "--output {file}", 2, "--output must name a .png file"),
+    case("train.toy.world", "--output {root}/world.png --seed -1", 2, "--seed must not be negative"),
+    case("train.toy.tokenizer", "--output-dir {root}/tokenizer", 2, "(vocab.json, merges.txt); "
+         "replace them with --overwrite"),
+    case("train.toy.tokenizer", "--output-dir {file}", 2, "--output-dir {file}: is a file"),
+    case("train.toy.tokenizer", "--output-dir {file}/sub", 2, "{file} is a file, not a directory"),
+]
 CASES = TRAIN_SINGLE + EDIT_SAMPLE + LDM_INFO + SPECTRAL_COUNT + TOY_COMMANDS
 
 
