@@ -13,12 +13,12 @@ Exit status 2 with one line on stderr for a model or argument it cannot use.
 """
 
 import argparse
-import os
 import sys
 import time
 
 import torch
 
+from edit.cli import check_output_dir, check_output_file, check_range
 from edit.grid import save_grid
 from edit.shifts import apply_shifts, parse_shift
 from ldm.checkpoint import DEFAULT_MODEL, CheckpointError, load
@@ -27,6 +27,15 @@ from ldm.schedule import PREDICTION_TYPES
 from ldm.text import TOKENIZER_FILES
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def shift(text: str) -> tuple[str, float]:
+    """--shift FILE[:WEIGHT] -> (FILE, WEIGHT), or argparse's error for a weight that is not a
+    finite number."""
+    try:
+        return parse_shift(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--prediction-type", choices=PREDICTION_TYPES,
                        help="what the network predicts (default: decided by rule, see "
                             "python -m ldm.info)")
-    model.add_argument("--shift", action="append", default=[], metavar="FILE[:WEIGHT]",
+    model.add_argument("--shift", action="append", default=[], metavar="FILE[:WEIGHT]", type=shift,
                        help="spectral_shifts.safetensors from train.single; repeat to combine: "
                             "ReLU(sigma + w1 delta1 + w2 delta2 + ...), merged into the weights "
                             "once (WEIGHT default 1; 0.5 + 0.5 interpolates)")
@@ -77,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     output = parser.add_argument_group("output")
     output.add_argument("--output", default="grid.png", metavar="FILE",
                         help="PNG grid to write (default grid.png)")
+    output.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --output file (without it, the command refuses "
+                             "to write over one)")
     output.add_argument("--plain", action="store_true", help="no captions under the images")
     output.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
@@ -84,19 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     """Bad values -> ValueError with a one-line message, before any model is loaded."""
-    if args.sample_steps < 1 or args.sample_steps > 999:
-        raise ValueError(f"--sample-steps must be in 1..999, got {args.sample_steps}")
-    if args.num_images < 1:
-        raise ValueError(f"--num-images must be at least 1, got {args.num_images}")
-    if args.eta < 0:
-        raise ValueError(f"--eta must be >= 0, got {args.eta}")
-    if args.size is not None and args.size < 8:
-        raise ValueError(f"--size must be at least 8, got {args.size}")
-    if not args.output.lower().endswith(".png"):
-        raise ValueError(f"--output must name a .png file, got {args.output}")
-    folder = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(folder):
-        raise ValueError(f"--output: no such folder {folder}")
+    check_range("--sample-steps", args.sample_steps, 1, 999)   # DDIM over 1000 training steps
+    check_range("--num-images", args.num_images, 1)
+    check_range("--guidance", args.guidance, 0)
+    check_range("--eta", args.eta, 0, 1)     # beyond 1 the DDIM step takes a negative square root
+    check_range("--seed", args.seed, 0, 2**64 - 1)             # torch's range of seeds
+    check_range("--size", args.size, 8)
+    check_output_file(args.output, args.overwrite, "--output", suffix=".png")
+    if args.svd_cache:  # a folder (made when missing), not a file; what it caches is never lost
+        check_output_dir(args.svd_cache, (), overwrite=True, flag="--svd-cache")
     usable_device(args.device)
 
 
@@ -110,8 +118,7 @@ def run(args: argparse.Namespace) -> str:
     model = load(args.model, tokenizer_dir=args.tokenizer, prediction_type=args.prediction_type,
                  device=args.device, dtype=torch.float32 if args.shift else dtype)
     if args.shift:
-        apply_shifts(model, [parse_shift(text) for text in args.shift], cache_dir=args.svd_cache,
-                     progress=not args.quiet)
+        apply_shifts(model, args.shift, cache_dir=args.svd_cache, progress=not args.quiet)
         model.to(dtype=dtype)
     images, labels = [], []
     for prompt in args.prompt:

@@ -10,6 +10,9 @@ to the layers the files name, then merged into plain weights, so sampling afterw
 exactly what the base model costs.
 """
 
+import math
+import os
+
 import torch
 
 import spectral
@@ -17,14 +20,19 @@ from ldm.model import StableDiffusion
 
 
 def parse_shift(text: str) -> tuple[str, float]:
-    """"FILE" or "FILE:WEIGHT" -> (FILE, WEIGHT); the weight defaults to 1."""
+    """"FILE" or "FILE:WEIGHT" -> (FILE, WEIGHT); the weight defaults to 1 and must be a finite
+    number (ValueError otherwise). A ':' belongs to the path when no weight can follow it: the
+    whole text names an existing file, or a folder separator comes after it (C:\\...)."""
     path, sep, weight = text.rpartition(":")
-    if not sep or not path:
+    if not sep or not path or os.path.isfile(text) or "/" in weight or "\\" in weight:
         return text, 1.0
     try:
-        return path, float(weight)
+        value = float(weight)
     except ValueError:
-        return text, 1.0  # a ':' inside the path itself (e.g. C:\...), no weight given
+        raise ValueError(f"{text}: the weight after the last ':' is not a number ({weight!r})") from None
+    if not math.isfinite(value):  # nan or inf would turn every merged weight into nan
+        raise ValueError(f"{text}: the weight must be a finite number, got {weight}")
+    return path, value
 
 
 def combined_deltas(model: StableDiffusion, shifts: list[tuple[str, float]]) -> dict[str, torch.Tensor]:

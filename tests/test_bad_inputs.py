@@ -148,10 +148,102 @@ TRAIN_SINGLE = [
     train("--model {root}/missing.safetensors", 2, "no such file"),
     train("--prior-loss-weight 1 --class-prompt 'a dog'", 2, "lacks the class word(s) dog"),
 ]
-EDIT_SAMPLE = []        # edit.sample
+EDIT_SAMPLE = [         # edit.sample: (flags after quick settings, message); the last --output counts
+    *(case("edit.sample", "--model {model} --prompt 'a red star' --sample-steps 1 --num-images 1 "
+           f"--quiet --svd-cache {{svd}} --output {{root}}/new.png {extra}", 2, message,
+           label=f"edit.sample {extra}")
+      for extra, message in [
+          ("--output {images}/0.png", "--output: {images}/0.png exists; replace it with --overwrite"),
+          ("--output {empty}", "--output {empty}: is a directory"),
+          ("--output {root}/missing/grid.png", "--output: no such folder {root}/missing"),
+          ("--output {file}", "--output must name a .png file"),
+          ("--guidance nan", "--guidance must be a finite number, got nan"),
+          ("--guidance inf", "--guidance must be a finite number, got inf"),
+          ("--guidance -1", "--guidance must not be negative"),
+          ("--eta nan", "--eta must be a finite number"),
+          ("--eta -0.5", "--eta must not be negative"),
+          ("--eta 2", "--eta must be at most 1, got 2.0"),
+          ("--size 0", "--size must be at least 8, got 0"),
+          ("--size -32", "--size must be at least 8"),
+          ("--size 34", "image size must be a multiple of"),
+          ("--num-images 0", "--num-images must be at least 1, got 0"),
+          ("--num-images -1", "--num-images must be at least 1"),
+          ("--sample-steps 0", "--sample-steps must be at least 1"),
+          ("--sample-steps 1000", "--sample-steps must be at most 999"),
+          ("--seed -1", "--seed must not be negative, got -1"),
+          ("--seed 18446744073709551616", "--seed must be at most 18446744073709551615"),
+          ("--seed x", "invalid int value: 'x'"),
+          ("--shift {run}/spectral_shifts.safetensors:nan", "the weight must be a finite number, got nan"),
+          ("--shift {run}/spectral_shifts.safetensors:inf", "the weight must be a finite number, got inf"),
+          ("--shift {run}/spectral_shifts.safetensors:abc", "the weight after the last ':' is not a number"),
+          ("--shift {root}/missing.safetensors", "no such shift file"),
+          ("--shift {file}", "not a readable safetensors file"),
+          ("--shift {run}/checkpoint.pt", "not a readable safetensors file"),
+          ("--shift {model}", "metadata is not JSON"),    # a checkpoint, not a shift file
+          ("--shift {run}/spectral_shifts.safetensors --svd-cache {file}", "--svd-cache {file}: is a file"),
+          ("--model {root}/missing.safetensors", "no such file"),
+          ("--model {file}", "not a checkpoint"),
+          ("--model {run}/checkpoint.pt", "no Stable Diffusion UNet keys"),
+          ("--model {empty}", "not a diffusers folder"),
+          ("--tokenizer {empty}", "no tokenizer.json or vocab.json + merges.txt"),
+          ("--device gpu0", "--device: unknown device 'gpu0'"),
+          ("--dtype float8", "invalid choice: 'float8'"),
+      ]),
+    # the run's shift fits {model}, not the default (bundled) model
+    case("edit.sample", "--prompt 'a red star' --quiet --output {root}/new.png "
+         "--shift {run}/spectral_shifts.safetensors", 2, "was trained on another base model"),
+]
 LDM_INFO = []           # ldm.info
 SPECTRAL_COUNT = []     # spectral.count
-TOY_COMMANDS = []       # train.toy.pretrain, train.toy.reader, train.toy.world, train.toy.tokenizer
+TOY_COMMANDS = [        # train.toy.pretrain, train.toy.reader, train.toy.world, train.toy.tokenizer
+    # pretrain refused before its first step, never into weights/ or runs/ (the last flag counts)
+    *(case("train.toy.pretrain", f"--output-dir {{root}}/toy --work-dir {{root}}/toy-work {extra}",
+           2, message, label=f"train.toy.pretrain {extra}")
+      for extra, message in [
+          ("--work-dir {run}", "holds an earlier run's files (log.csv); continue that run with "
+                               "--resume, or replace it with --overwrite"),
+          ("--output-dir {root}", "holds an earlier run's files (tokenizer/vocab.json, tokenizer/"
+                                  "merges.txt); replace them with --overwrite, or give another --output-dir"),
+          ("--output-dir {file}", "--output-dir {file}: is a file, not a directory"),
+          ("--work-dir {file}", "--work-dir {file}: is a file, not a directory"),
+          ("--resume --work-dir {empty}", "holds no state.pt to continue"),
+          ("--steps 0", "--steps must be at least 1, got 0"),
+          ("--lr nan", "--lr must be a finite number, got nan"),
+          ("--vae-lr -1", "--vae-lr must not be negative"),
+          ("--kl-weight inf", "--kl-weight must be a finite number"),
+          ("--warmup 0", "--warmup must be at least 1"),
+          ("--ema 1", "--ema must be below 1, got 1.0"),
+          ("--ema -0.5", "--ema must not be negative"),
+          ("--p-uncond 1.5", "--p-uncond must be at most 1, got 1.5"),
+          ("--guidance nan", "--guidance must be a finite number"),
+          ("--sample-steps 1000", "--sample-steps must be at most 999"),
+          ("--seed -1", "--seed must not be negative"),
+          ("--num-images 1", "--num-images must be at least 2"),
+          ("--threads -1", "--threads must not be negative"),
+          ("--channel-mult 2,0", "--channel-mult must be at least 1, got 0"),
+          ("--vae-ch 16", "the VAE / UNet settings do not fit together"),
+          ("--text-heads 3", "--text-width 64 must be a multiple of --text-heads 3"),
+      ]),
+    case("train.toy.reader", "--eval-samples 0", 2, "--eval-samples must be at least 1, got 0"),
+    case("train.toy.reader", "--sample-steps 0", 2, "--sample-steps must be at least 1"),
+    case("train.toy.reader", "--guidance nan", 2, "--guidance must be a finite number"),
+    case("train.toy.reader", "--seed -1", 2, "--seed must not be negative"),
+    case("train.toy.reader", "--output-dir {file}", 2, "--output-dir {file}: is a file"),
+    case("train.toy.reader", "--train-reader", 2, "evaluator.safetensors exists; replace it with --overwrite"),
+    case("train.toy.reader", "--model {root}/missing.safetensors", 2, "no such file"),
+    case("train.toy.reader", "--model {file}", 2, "not a checkpoint"),
+    case("train.toy.reader", "--model {run}/spectral_shifts.safetensors", 2, "no Stable Diffusion UNet keys"),
+    case("train.toy.reader", "--model {model} --tokenizer {empty}", 2, "no tokenizer.json"),
+    case("train.toy.world", "--output {images}/0.png", 2, "exists; replace it with --overwrite"),
+    case("train.toy.world", "--output {empty}", 2, "--output {empty}: is a directory"),
+    case("train.toy.world", "--output {root}/missing/world.png", 2, "no such folder"),
+    case("train.toy.world", "--output {file}", 2, "--output must name a .png file"),
+    case("train.toy.world", "--output {root}/world.png --seed -1", 2, "--seed must not be negative"),
+    case("train.toy.tokenizer", "--output-dir {root}/tokenizer", 2, "(vocab.json, merges.txt); "
+         "replace them with --overwrite"),
+    case("train.toy.tokenizer", "--output-dir {file}", 2, "--output-dir {file}: is a file"),
+    case("train.toy.tokenizer", "--output-dir {file}/sub", 2, "{file} is a file, not a directory"),
+]
 CASES = TRAIN_SINGLE + EDIT_SAMPLE + LDM_INFO + SPECTRAL_COUNT + TOY_COMMANDS
 
 

@@ -102,6 +102,18 @@ def test_cli_captions(saved, tmp_path):
     assert width == 2 * (128 + 2) + 2 and height > 128 + 2  # tiles enlarged x4, caption below
 
 
+def test_cli_replaces_an_existing_grid_only_with_overwrite(saved, tmp_path, capsys):
+    _, folder = saved
+    out = tmp_path / "grid.png"
+    out.write_bytes(b"an earlier result")
+    argv = ["--model", str(folder / "tiny.safetensors"), "--prompt", "a red star", "--num-images", "1",
+            "--sample-steps", "1", "--output", str(out), "--quiet"]
+    assert sample.main(argv) == 2
+    assert "--overwrite" in capsys.readouterr().err and out.read_bytes() == b"an earlier result"
+    assert sample.main(argv + ["--overwrite"]) == 0
+    assert Image.open(out).size[0] == 128 + 4
+
+
 def test_cli_bad_inputs(saved, tmp_path, capsys):
     _, folder = saved
     model = str(folder / "tiny.safetensors")

@@ -45,10 +45,21 @@ def attached_reference(tokenizer_dir, deltas):
     return model
 
 
-def test_parse_shift():
+def test_parse_shift(tmp_path):
     assert parse_shift("a.safetensors") == ("a.safetensors", 1.0)
     assert parse_shift("dir/a.safetensors:0.25") == ("dir/a.safetensors", 0.25)
+    assert parse_shift("dir/a.safetensors:-1") == ("dir/a.safetensors", -1.0)
     assert parse_shift("C:\\x\\a.safetensors") == ("C:\\x\\a.safetensors", 1.0)
+    # a weight that is not a finite number is refused, not read as part of the path
+    for weight, message in (("nan", "finite number"), ("inf", "finite number"), ("abc", "not a number"),
+                            ("", "not a number")):
+        with pytest.raises(ValueError, match=message):
+            parse_shift(f"dir/a.safetensors:{weight}")
+    # unless the whole text names an existing file: then the ':' is the file's own
+    named = tmp_path / "run:abc"
+    named.write_bytes(b"")
+    assert parse_shift(str(named)) == (str(named), 1.0)
+    assert parse_shift(f"{named}:0.5") == (str(named), 0.5)
 
 
 def test_two_weighted_files_merge_to_the_weighted_sum(tmp_path, monkeypatch):

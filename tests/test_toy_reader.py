@@ -1,10 +1,11 @@
 """The evaluator: prompt parsing and matching against hand-written readings, and the image
 reader against renders with known labels (seeds it was not trained on)."""
 import numpy as np
+import pytest
 
 from train.toy import world
-from train.toy.reader import (accuracy, load_reader, parse, prior_drift, prompt_sets, read,
-                            reader_accuracy, reader_data, subject_fidelity)
+from train.toy.reader import (accuracy, build_parser, check_args, load_reader, parse, prior_drift,
+                              prompt_sets, read, reader_accuracy, reader_data, subject_fidelity)
 
 
 def obj(position, shape, color=None, pattern="plain"):
@@ -56,3 +57,12 @@ def test_prompt_sets():
     words = set(world.vocabulary())
     assert all(set(p.split()) <= words for ps in sets.values() for p in ps)
     assert len(set(sets["single"])) == len(world.SHAPES) * len(world.COLORS)
+
+
+def test_grids_of_an_earlier_measurement_are_replaced_only_with_overwrite(tmp_path):
+    (tmp_path / "two_objects.png").write_bytes(b"earlier")
+    args = build_parser().parse_args(["--output-dir", str(tmp_path)])
+    with pytest.raises(ValueError, match=r"\(two_objects.png\); replace them with --overwrite"):
+        check_args(args)
+    check_args(build_parser().parse_args(["--output-dir", str(tmp_path), "--overwrite"]))
+    check_args(build_parser().parse_args(["--output-dir", str(tmp_path / "new")]))

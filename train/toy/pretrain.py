@@ -1,7 +1,8 @@
 """Pretrain the bundled tiny Stable Diffusion on the toy world (train/toy/world.py).
 
-    python -m train.toy.pretrain                  # writes weights/toy-sd.safetensors + weights/tokenizer/
-    python -m train.toy.pretrain --resume         # continue an interrupted run from runs/pretrain/
+    python -m train.toy.pretrain --output-dir DIR            # DIR/toy-sd.safetensors + DIR/tokenizer/
+    python -m train.toy.pretrain --output-dir DIR --resume   # continue it from runs/pretrain/
+    python -m train.toy.pretrain --overwrite                 # replace the bundled files in weights/
 
 Three stages, all with our ldm/ classes at tiny width, fp32, on CPU:
 
@@ -41,19 +42,20 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from ldm.family import FAMILIES
+from edit.cli import check_output_dir, check_range, usage_errors
+from ldm.files import CheckpointError, load_pickle
 from spectral.io import write_atomically
 from train import config as run_config
 from train.config import option
 from train.data import step_generator, to_tensor
 from train.toy import world
+from train.toy.architecture import build_unet_and_text, build_vae, bundle, check_architecture
 from train.toy.tokenizer import build as build_tokenizer
-
-SD1 = FAMILIES["sd1"]   # the bundled model has SD 1's layout and conventions
 
 
 @dataclass
@@ -63,43 +65,46 @@ class PretrainConfig:
                              metavar="DIR")
     work_dir: str = option("runs/pretrain", "resumable state, loss log and sample grids",
                            metavar="DIR")
-    seed: int = option(0, "seeds the datasets, the initialization and every step's draws")
-    num_images: int = option(30000, "distinct captioned scenes (dataset seed = --seed)")
+    seed: int = option(0, "seeds the datasets, the initialization and every step's draws", minimum=0)
+    num_images: int = option(30000, "distinct captioned scenes (dataset seed = --seed)", minimum=2)
     # VAE
-    vae_ch: int = option(32, "VAE base width")
+    vae_ch: int = option(32, "VAE base width", minimum=1)
     # the full-resolution level is 64 wide: GroupNorm has 32 groups (SD's), and with one channel
     # per group it is an instance norm right before conv_out, which erases a flat image's
     # absolute color (measured: a (1, 2) VAE renders every object brown); two per group keep it
     vae_ch_mult: tuple[int, ...] = option((2, 2), "VAE width multiplier per level")
-    vae_res_blocks: int = option(1, "VAE res blocks per level")
-    vae_steps: int = option(2000, "VAE optimizer steps")
-    vae_batch_size: int = option(16, "images per VAE step")
-    vae_lr: float = option(1e-3, "VAE learning rate (warmup, then cosine decay to 10%)")
-    kl_weight: float = option(1e-6, "weight of the VAE's KL term")
+    vae_res_blocks: int = option(1, "VAE res blocks per level", minimum=1)
+    vae_steps: int = option(2000, "VAE optimizer steps", minimum=1)
+    vae_batch_size: int = option(16, "images per VAE step", minimum=1)
+    vae_lr: float = option(1e-3, "VAE learning rate (warmup, then cosine decay to 10%)", minimum=0)
+    kl_weight: float = option(1e-6, "weight of the VAE's KL term", minimum=0)
     # UNet (SD 1 layout: conv proj_in/out, num_heads, no attention at the finest level)
-    model_channels: int = option(32, "UNet base width")
+    model_channels: int = option(32, "UNet base width", minimum=1)
     channel_mult: tuple[int, ...] = option(   # 64 wide at the output norm, as for the VAE
         (2, 2, 2), "UNet width multiplier per level")
     attention_resolutions: tuple[int, ...] = option((2, 4), "UNet downsampling factors with attention")
-    num_res_blocks: int = option(1, "UNet res blocks per level")
-    num_heads: int = option(4, "UNet attention heads")
+    num_res_blocks: int = option(1, "UNet res blocks per level", minimum=1)
+    num_heads: int = option(4, "UNet attention heads", minimum=1)
     # text encoder (CLIPTextModel, quick_gelu like SD 1's CLIP ViT-L/14)
-    text_width: int = option(64, "text encoder width (the UNet's context_dim)")
-    text_layers: int = option(2, "text encoder layers")
-    text_heads: int = option(2, "text encoder attention heads")
+    text_width: int = option(64, "text encoder width (the UNet's context_dim)", minimum=1)
+    text_layers: int = option(2, "text encoder layers", minimum=1)
+    text_heads: int = option(2, "text encoder attention heads", minimum=1)
     # UNet + text training
-    steps: int = option(16000, "UNet + text encoder steps; with --resume, more than before continues")
-    batch_size: int = option(32, "captioned images per UNet step")
-    lr: float = option(6e-4, "UNet + text encoder learning rate (constant after the warmup)")
-    warmup: int = option(200, "UNet steps of linear learning-rate warmup")
-    p_uncond: float = option(0.1, "share of captions replaced by '' (classifier-free guidance)")
-    ema: float = option(0.999, "decay of the weights' moving average, which is what is saved")
+    steps: int = option(16000, "UNet + text encoder steps; with --resume, more than before "
+                        "continues", minimum=1)
+    batch_size: int = option(32, "captioned images per UNet step", minimum=1)
+    lr: float = option(6e-4, "UNet + text encoder learning rate (constant after the warmup)", minimum=0)
+    warmup: int = option(200, "UNet steps of linear learning-rate warmup", minimum=1)
+    p_uncond: float = option(0.1, "share of captions replaced by '' (classifier-free guidance), "
+                             "0 to 1", minimum=0)
+    ema: float = option(0.999, "decay of the weights' moving average, which is what is saved; "
+                        "at least 0, below 1", minimum=0)
     # bookkeeping
-    save_every: int = option(250, "write the resumable state every N steps")
-    sample_every: int = option(500, "write a sample grid every N UNet steps")
-    threads: int = option(0, "torch CPU threads; 0: torch's default (one per core)")
-    sample_steps: int = option(25, "DDIM steps of the sample grids")
-    guidance: float = option(4.0, "classifier-free guidance of the sample grids")
+    save_every: int = option(250, "write the resumable state every N steps", minimum=1)
+    sample_every: int = option(500, "write a sample grid every N UNet steps", minimum=1)
+    threads: int = option(0, "torch CPU threads; 0: torch's default (one per core)", minimum=0)
+    sample_steps: int = option(25, "DDIM steps of the sample grids, 1 to 999", minimum=1)
+    guidance: float = option(4.0, "classifier-free guidance of the sample grids", minimum=0)
 
 
 SAMPLE_PROMPTS = [
@@ -110,33 +115,7 @@ SAMPLE_PROMPTS = [
 ]
 
 
-# ---------------------------------------------------------------- models
-
-def build_vae(config):
-    from ldm.vae import AutoencoderKL, VAEConfig
-    return AutoencoderKL(VAEConfig(resolution=world.SIZE, ch=config.vae_ch,
-                                   ch_mult=config.vae_ch_mult, num_res_blocks=config.vae_res_blocks))
-
-
-def build_unet_and_text(config, tokenizer_dir):
-    from ldm.text import TextEncoder, load_tokenizer
-    from ldm.unet import UNetConfig, UNetModel
-    from transformers import CLIPTextConfig
-    tokenizer = load_tokenizer(tokenizer_dir)
-    vocab = len(tokenizer)
-    text_config = CLIPTextConfig(
-        vocab_size=vocab, hidden_size=config.text_width, intermediate_size=4 * config.text_width,
-        num_hidden_layers=config.text_layers, num_attention_heads=config.text_heads,
-        max_position_embeddings=77, hidden_act=SD1.hidden_act, projection_dim=config.text_width,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=SD1.pad_token_id(tokenizer.eos_token_id))
-    unet = UNetModel(UNetConfig(
-        model_channels=config.model_channels, channel_mult=config.channel_mult,
-        attention_resolutions=config.attention_resolutions, num_res_blocks=config.num_res_blocks,
-        num_heads=config.num_heads, context_dim=config.text_width))
-    text = TextEncoder.for_family(SD1.name, tokenizer, config=text_config)
-    return unet, text
-
+# ---------------------------------------------------------------- learning rates
 
 def lr_at(step, total, base, warmup):
     """Linear warmup, then cosine decay to 10% of base."""
@@ -285,16 +264,6 @@ def train_unet(config, unet, text, scale_factor, data, state, work):
     return ema_unet, ema_text
 
 
-def bundle(vae, unet, text):
-    from ldm.model import StableDiffusion
-    from ldm.schedule import NoiseSchedule
-    return StableDiffusion(
-        unet=unet, vae=vae, text_encoder=text, schedule=NoiseSchedule(), family=SD1.name,
-        prediction_type="epsilon", source="train.toy.pretrain", image_size=world.SIZE,
-        decided_by={"family": "written by train.toy.pretrain (SD 1 layout, CLIPTextModel)",
-                    "prediction_type": "trained with the epsilon target"})
-
-
 def sample_grid(config, unet, text, schedule, work, step):
     """Two samples per SAMPLE_PROMPTS entry (columns), EMA weights, PNG in work/samples/."""
     from edit.grid import save_grid
@@ -321,19 +290,60 @@ def export(config, vae, unet, text, tokenizer_dir, work):
     return path
 
 
-def pretrain(config, resume=False):
+# ---------------------------------------------------------------- the run, checked first
+
+EARLIER_RUN = ("state.pt", "log.csv", "latents.pt")    # in WORK_DIR
+RESULTS = ("toy-sd.safetensors", "pretrain_log.csv")    # in OUTPUT_DIR, written at the end
+TOKENIZER = ("tokenizer/vocab.json", "tokenizer/merges.txt")   # written first: a resumed run's own
+
+
+def check_settings(config):
+    """ValueError (one line) for what the minimums cannot say: maxima, tuples, the architecture."""
+    check_range("--p-uncond", config.p_uncond, maximum=1)
+    check_range("--ema", config.ema, below=1)        # 1 would save the initial weights
+    check_range("--sample-steps", config.sample_steps, maximum=999)   # DDIM over 1000 steps
+    check_range("--seed", config.seed, maximum=2**40)   # step_generator's seeds stay < 2**64
+    for name in ("vae_ch_mult", "channel_mult", "attention_resolutions"):
+        check_range(run_config.flag(name), min(getattr(config, name), default=1), 1)
+    check_architecture(config)
+
+
+def start(config, resume=False, overwrite=False):
+    """The state a run starts from, WORK_DIR/state.pt with --resume, else {} (an earlier run there
+    removed with --overwrite); results in OUTPUT_DIR need --overwrite. Else ValueError."""
+    check_output_dir(config.output_dir, RESULTS if resume else RESULTS + TOKENIZER, overwrite,
+                     way_out="replace them with --overwrite, or give another --output-dir")
+    earlier = check_output_dir(config.work_dir, EARLIER_RUN, overwrite or resume, flag="--work-dir",
+                               way_out="continue that run with --resume, or replace it with --overwrite")
+    state_path = os.path.join(config.work_dir, "state.pt")
+    if not resume:
+        for path in earlier + sorted(Path(config.work_dir, "samples").glob("step_*.png")):
+            path.unlink()                  # --overwrite: a fresh run, a fresh log and grids
+        return {}
+    if not os.path.exists(state_path):
+        raise ValueError(f"--resume: --work-dir {config.work_dir} holds no state.pt to continue")
+    try:
+        state = load_pickle(state_path)
+    except CheckpointError as error:
+        raise ValueError(str(error)) from None
+    if not isinstance(state, dict) or "stage" not in state:
+        raise ValueError(f"{state_path}: not a state written by train.toy.pretrain")
+    return state
+
+
+def pretrain(config, resume=False, overwrite=False):
+    """Check, then run; returns the path of the checkpoint written."""
+    check_settings(config)
+    return run(config, start(config, resume, overwrite))
+
+
+def run(config, state):
+    """The three stages from `state` (see start) to OUTPUT_DIR/toy-sd.safetensors."""
     if config.threads:   # on a shared machine one thread per process beats oversubscription
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     work = config.work_dir
     os.makedirs(work, exist_ok=True)
-    state_path = os.path.join(work, "state.pt")
-    state = torch.load(state_path, weights_only=True) if resume and os.path.exists(state_path) else {}
-    if not state and os.path.exists(os.path.join(work, "log.csv")):
-        os.remove(os.path.join(work, "log.csv"))     # a fresh run starts a fresh log
-    for stale in ("latents.pt",) if not state else ():
-        if os.path.exists(os.path.join(work, stale)):
-            os.remove(os.path.join(work, stale))
     state.setdefault("stage", "vae")
     state["config"] = json.dumps(dataclasses.asdict(config))
     tokenizer_dir = os.path.join(config.output_dir, "tokenizer")
@@ -361,20 +371,29 @@ def pretrain(config, resume=False):
 
 
 def build_parser():
-    """One flag per PretrainConfig field (train/config.py), and --resume."""
+    """One flag per PretrainConfig field (train/config.py), and --resume, --overwrite: what to
+    do with earlier files, not settings of the run."""
     parser = run_config.build_parser(PretrainConfig, "python -m train.toy.pretrain",
                                      __doc__.split("\n")[0])
     parser.add_argument("--resume", action="store_true", help="continue from WORK_DIR/state.pt")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace toy-sd.safetensors, tokenizer/ and pretrain_log.csv in "
+                             "OUTPUT_DIR and, without --resume, an earlier run in WORK_DIR "
+                             "(without it, the command refuses to write over them)")
     return parser
 
 
 def main(argv=None):
+    """Every check (settings, where files go, the state to resume) before the first step."""
     parser = build_parser()
     values = vars(parser.parse_args(argv))
-    resume = values.pop("resume")
+    resume, overwrite = values.pop("resume"), values.pop("overwrite")
     config = run_config.to_config(parser, PretrainConfig, values)
+    with usage_errors(parser):
+        check_settings(config)
+        state = start(config, resume, overwrite)
     t0 = time.time()
-    pretrain(config, resume=resume)
+    run(config, state)
     print(f"pretraining took {(time.time() - t0) / 60:.1f} min")
 
 

@@ -22,6 +22,7 @@ From the readings:
 """
 import argparse
 import os
+import sys
 import time
 from itertools import permutations
 
@@ -30,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from edit.cli import check_output_dir, check_output_file, check_range, usage_errors
 from ldm.checkpoint import DEFAULT_MODEL
 from train.data import to_tensor
 from train.toy import world
@@ -273,11 +275,15 @@ def quality_bar(model, eval_samples=100, sample_steps=25, guidance=4.0, seed=0, 
         if output_dir:
             from edit.grid import save_grid
             os.makedirs(output_dir, exist_ok=True)
-            save_grid(images[:40],
-                      os.path.join(output_dir, name.replace(", ", "_").replace(" ", "_") + ".png"),
-                      columns=10, padding=4, scale=4)
+            save_grid(images[:40], os.path.join(output_dir, grid_name(name)), columns=10, padding=4,
+                      scale=4)
     print(format_table(table, eval_samples, sample_steps, guidance))
     return table
+
+
+def grid_name(prompt_set):
+    """The file name of a prompt set's sample grid: "single, placed" -> single_placed.png."""
+    return prompt_set.replace(", ", "_").replace(" ", "_") + ".png"
 
 
 def format_table(table, eval_samples, sample_steps, guidance):
@@ -305,11 +311,43 @@ def build_parser():
     a("--output-dir", help="folder for each prompt set's sample grid (its first 40); None: no grids")
     a("--train-reader", action="store_true",
       help=f"instead: train the image reader on renders and save it to {READER_PATH}")
+    a("--overwrite", action="store_true",
+      help="replace grids already in --output-dir, or with --train-reader the reader's weights "
+           "(without it, the command refuses to write over them)")
     return parser
 
 
+def check_args(args):
+    """Bad values -> ValueError with a one-line message, before anything is loaded or trained."""
+    if args.train_reader:
+        check_output_file(READER_PATH, args.overwrite, "--train-reader",
+                          way_out="replace it with --overwrite")
+        return
+    check_range("--eval-samples", args.eval_samples, 1)
+    check_range("--sample-steps", args.sample_steps, 1, 999)    # DDIM over 1000 training steps
+    check_range("--guidance", args.guidance, 0)
+    check_range("--seed", args.seed, 0, 2**64 - 1)   # numpy's and torch's seeds, both
+    if args.output_dir:
+        check_output_dir(args.output_dir, [grid_name(name) for name in prompt_sets(1)], args.overwrite)
+
+
+def load_toy_model(args):
+    """The model to measure, or CheckpointError / ValueError (one line) when the reader cannot
+    read what it makes: it reads the toy world's 32x32 images only."""
+    from ldm.checkpoint import load
+    model = load(args.model, tokenizer_dir=args.tokenizer)
+    if model.image_size != world.SIZE:
+        raise ValueError(f"--model {args.model} makes {model.image_size}x{model.image_size} images; "
+                         f"the reader reads the toy world's {world.SIZE}x{world.SIZE}")
+    return model
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    from ldm.checkpoint import CheckpointError
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    with usage_errors(parser):
+        check_args(args)
     if args.train_reader:
         t0 = time.time()
         reader = train_reader()
@@ -317,8 +355,11 @@ def main(argv=None):
         print(f"reader trained in {time.time() - t0:.0f} s; on 2000 held-out clean renders:",
               reader_accuracy(reader, x, y))
         return
-    from ldm.checkpoint import load
-    model = load(args.model, tokenizer_dir=args.tokenizer)
+    try:
+        model = load_toy_model(args)
+    except (CheckpointError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     quality_bar(model, args.eval_samples, args.sample_steps, args.guidance, args.seed, args.output_dir)
 
 
@@ -333,4 +374,4 @@ def reader_accuracy(reader, x, y):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -11,13 +11,14 @@ merge the most frequent adjacent symbol pair (ties: smallest pair) until every w
 symbol, so each toy word, and each reserved token (sks, zwx, ...), is one token "word</w>".
 Any other text still tokenizes, into byte symbols, as CLIP's does for rare words.
 
-    python -m train.toy.tokenizer --output-dir weights/tokenizer
+    python -m train.toy.tokenizer --output-dir weights/tokenizer --overwrite   # the bundled one
 """
 import argparse
 import json
 import os
 from collections import Counter
 
+from edit.cli import check_output_dir, usage_errors
 from ldm.text import byte_symbols  # CLIP's byte -> symbol table, in its vocabulary order
 from train.toy.world import vocabulary
 
@@ -68,11 +69,17 @@ def build_parser():
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--output-dir", default="weights/tokenizer",
                         help="folder for vocab.json and merges.txt")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace vocab.json and merges.txt already in --output-dir (without "
+                             "it, the command refuses to)")
     return parser
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    with usage_errors(parser):
+        check_output_dir(args.output_dir, ("vocab.json", "merges.txt"), args.overwrite)
     vocab = build(args.output_dir)
     print(f"wrote {args.output_dir}: {len(vocab)} tokens, {len(vocabulary())} toy words")
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from edit.cli import check_output_file, check_range, usage_errors
+
 SIZE = 32
 SCALE = 4  # supersampling factor for anti-aliasing
 
@@ -293,13 +295,19 @@ def build_parser():
         description="Write a preview grid of the toy world: 32 pretraining scenes (their "
                     "captions printed), then 8 renders of each subject.")
     parser.add_argument("--output", default="toyworld.png", help="the grid, a PNG file")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --output (without it, the command refuses to)")
     parser.add_argument("--seed", type=int, default=0, help="dataset seed of the scenes")
     return parser
 
 
 def main(argv=None):
     from edit.grid import save_grid
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    with usage_errors(parser):
+        check_range("--seed", args.seed, 0)     # numpy seeds only with non-negative integers
+        check_output_file(args.output, args.overwrite, "--output", suffix=".png")
     images, scenes = dataset(32, args.seed)
     subject_renders = np.concatenate([subject_images(name, 8)[0] for name in SUBJECTS])
     save_grid(np.concatenate([images, subject_renders]), args.output, columns=8, padding=4, scale=4)
