@@ -266,6 +266,20 @@ def test_ctrl_c_names_the_last_save_and_resume_continues_exactly(files, tmp_path
     assert_same_shifts(whole, stopped)
 
 
+def test_an_earlier_run_is_refused_then_replaced_with_overwrite(files, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert single.main(argv(files, out, "--steps", "2", "--prior-loss-weight", "0")) == 0
+    (out / "samples" / "step-00099.png").write_bytes(b"an old grid")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert single.main(argv(files, out, "--steps", "1", "--prior-loss-weight", "0")) == 2
+    assert "holds an earlier run's files" in error_line(capsys)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert single.main(argv(files, out, "--steps", "1", "--prior-loss-weight", "0", "--overwrite")) == 0
+    assert not (out / "samples" / "step-00099.png").exists()
+    assert [int(r["step"]) for r in read_log(out / "log.csv")] == [1]
+    assert spectral.load_shifts(out / "spectral_shifts.safetensors")[1]["step"] == 1
+
+
 # --- bad input: one line each, exit code 2 (1 for a diverged run) ------------------------------
 
 def error_line(capsys):

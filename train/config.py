@@ -22,26 +22,29 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import typing
 from dataclasses import dataclass, field
 
 import torch
 
+from edit.cli import check_range, usage_errors
 from ldm.checkpoint import DEFAULT_MODEL
 from ldm.model import usable_device
 from ldm.schedule import PREDICTION_TYPES
 from ldm.text import TOKENIZER_FILES
 
 
-def option(default, help: str, *, minimum: float | None = None, choices: tuple | None = None,
-           metavar: str | None = None, same_on_resume: bool = True):
-    """A config field: its default, its --help text, its smallest valid value, its choices, the
-    name of its value in --help (default: N for integers, X for numbers, TEXT for strings).
-    same_on_resume=False marks settings that do not change the trained values (where to write,
-    how often to sample), which may differ when a run is resumed."""
-    return field(default=default, metadata={"help": help, "minimum": minimum, "choices": choices,
-                                            "metavar": metavar, "same_on_resume": same_on_resume})
+def option(default, help: str, *, minimum: float | None = None, maximum: float | None = None,
+           below: float | None = None, choices: tuple | None = None, metavar: str | None = None,
+           same_on_resume: bool = True):
+    """A config field: its default, its --help text, its valid range (minimum <= value <=
+    maximum, value < below), its choices, the name of its value in --help (default: N for
+    integers, X for numbers, TEXT for strings). same_on_resume=False marks settings that do not
+    change the trained values (where to write, how often to sample), which may differ when a
+    run is resumed."""
+    return field(default=default, metadata={"help": help, "range": (minimum, maximum, below),
+                                            "choices": choices, "metavar": metavar,
+                                            "same_on_resume": same_on_resume})
 
 
 def flag(name: str) -> str:
@@ -91,20 +94,14 @@ def integers(text: str) -> tuple[int, ...]:
 
 
 def check(parser: argparse.ArgumentParser, config) -> None:
-    """Every number finite and at least its minimum; a run's device usable. argparse's error
-    (exit 2) otherwise, before anything is loaded."""
-    for f in dataclasses.fields(config):
-        value, minimum = getattr(config, f.name), f.metadata["minimum"]
-        if isinstance(value, float) and not math.isfinite(value):
-            parser.error(f"{flag(f.name)} must be a finite number, got {value}")
-        if minimum is not None and value is not None and value < minimum:
-            bound = "must not be negative" if minimum == 0 else f"must be at least {minimum}"
-            parser.error(f"{flag(f.name)} {bound}, got {value}")
-    if isinstance(config, RunConfig):
-        try:
+    """Every number finite and in its range; a run's device usable. argparse's error (exit 2)
+    otherwise, before anything is loaded."""
+    with usage_errors(parser):
+        for f in dataclasses.fields(config):
+            if isinstance(getattr(config, f.name), (int, float)):
+                check_range(flag(f.name), getattr(config, f.name), *f.metadata["range"])
+        if isinstance(config, RunConfig):
             usable_device(config.device)
-        except ValueError as error:
-            parser.error(str(error))
 
 
 def to_config(parser: argparse.ArgumentParser, config_class, values: dict):

@@ -34,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 import spectral
+from edit import cli
 from edit.grid import save_grid, to_pil
 from ldm import checkpoint
 from ldm.checkpoint import CheckpointError
@@ -124,20 +125,19 @@ def generate(model, prompts: list[str], seed: int, config) -> list:
 def check_output_dir(config, result_name: str | None) -> None:
     """Never replace a result silently: a folder holding an earlier run is continued with
     --resume or replaced with --overwrite (its results and grids removed first), else refused."""
-    out = Path(config.output_dir)
-    if out.exists() and not out.is_dir():
-        raise DataError(f"--output-dir {out}: is a file, not a directory")
     if config.resume and config.overwrite:
         raise DataError("--resume continues the run in --output-dir and --overwrite replaces it: "
                         "give one of them")
-    earlier = [name for name in (result_name, "checkpoint.pt", "log.csv") if name and (out / name).exists()]
-    if not earlier or config.resume:
-        return
-    if not config.overwrite:
-        raise DataError(f"--output-dir {out} holds an earlier run ({', '.join(earlier)}); continue "
-                        "it with --resume, or replace it with --overwrite")
-    for path in [out / name for name in earlier] + [out / "loss.png", *out.glob("samples/step-*.png")]:
-        path.unlink(missing_ok=True)
+    results = tuple(name for name in (result_name, "checkpoint.pt", "log.csv") if name)
+    try:
+        earlier = cli.check_output_dir(config.output_dir, results, config.overwrite or config.resume,
+                                       way_out="continue it with --resume, or replace it with --overwrite")
+    except ValueError as error:
+        raise DataError(str(error)) from None
+    if earlier and not config.resume:
+        out = Path(config.output_dir)
+        for path in earlier + [out / "loss.png", *out.glob("samples/step-*.png")]:
+            path.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -65,7 +65,9 @@ class PretrainConfig:
                              metavar="DIR")
     work_dir: str = option("runs/pretrain", "resumable state, loss log and sample grids",
                            metavar="DIR")
-    seed: int = option(0, "seeds the datasets, the initialization and every step's draws", minimum=0)
+    # step_generator's seeds (seed * 1_000_003 + ...) must stay below 2**64
+    seed: int = option(0, "seeds the datasets, the initialization and every step's draws",
+                       minimum=0, maximum=2**40)
     num_images: int = option(30000, "distinct captioned scenes (dataset seed = --seed)", minimum=2)
     # VAE
     vae_ch: int = option(32, "VAE base width", minimum=1)
@@ -96,14 +98,14 @@ class PretrainConfig:
     lr: float = option(6e-4, "UNet + text encoder learning rate (constant after the warmup)", minimum=0)
     warmup: int = option(200, "UNet steps of linear learning-rate warmup", minimum=1)
     p_uncond: float = option(0.1, "share of captions replaced by '' (classifier-free guidance), "
-                             "0 to 1", minimum=0)
+                             "0 to 1", minimum=0, maximum=1)
     ema: float = option(0.999, "decay of the weights' moving average, which is what is saved; "
-                        "at least 0, below 1", minimum=0)
+                        "at least 0, below 1", minimum=0, below=1)
     # bookkeeping
     save_every: int = option(250, "write the resumable state every N steps", minimum=1)
     sample_every: int = option(500, "write a sample grid every N UNet steps", minimum=1)
     threads: int = option(0, "torch CPU threads; 0: torch's default (one per core)", minimum=0)
-    sample_steps: int = option(25, "DDIM steps of the sample grids, 1 to 999", minimum=1)
+    sample_steps: int = option(25, "DDIM steps of the sample grids, 1 to 999", minimum=1, maximum=999)
     guidance: float = option(4.0, "classifier-free guidance of the sample grids", minimum=0)
 
 
@@ -298,11 +300,8 @@ TOKENIZER = ("tokenizer/vocab.json", "tokenizer/merges.txt")   # written first: 
 
 
 def check_settings(config):
-    """ValueError (one line) for what the minimums cannot say: maxima, tuples, the architecture."""
-    check_range("--p-uncond", config.p_uncond, maximum=1)
-    check_range("--ema", config.ema, below=1)        # 1 would save the initial weights
-    check_range("--sample-steps", config.sample_steps, maximum=999)   # DDIM over 1000 steps
-    check_range("--seed", config.seed, maximum=2**40)   # step_generator's seeds stay < 2**64
+    """ValueError (one line) for what the fields' ranges cannot say: sizes per level, and whether
+    the architecture builds."""
     for name in ("vae_ch_mult", "channel_mult", "attention_resolutions"):
         check_range(run_config.flag(name), min(getattr(config, name), default=1), 1)
     check_architecture(config)
