@@ -23,7 +23,6 @@ extract_ema) use; released "-ema-only" files already hold EMA weights there.
 
 import json
 import os
-import re
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -37,7 +36,8 @@ from ldm.diffusers_layout import diffusers_unet_name_to_compvis  # noqa: F401 (A
 from ldm.family import FAMILIES, SUPPORTED, family_named
 from ldm.files import CheckpointError, describe_mismatch, file_format, read_single_file  # noqa: F401 (API)
 from ldm.model import StableDiffusion
-from ldm.schedule import PREDICTION_TYPES, NoiseSchedule
+from ldm.rules import decide_prediction_type, find_tokenizer
+from ldm.schedule import NoiseSchedule
 from ldm.unet import UNetConfig, UNetModel
 from ldm.vae import AutoencoderKL, VAEConfig
 
@@ -65,43 +65,6 @@ class Parts:
     image_size: int | None = None   # stored in the file (decided_by says where); None: convention
     pad_token_id: int | None = None  # stored in our own files: the id the model was saved with
     pad_as_tokenizer: bool = False  # diffusers folders: pad as their tokenizer (as pipelines do)
-
-
-def decide_prediction_type(family: str, explicit: str | None = None, metadata: dict | None = None,
-                           yaml_path: str | None = None, global_step: int | None = None
-                           ) -> tuple[str, str]:
-    """(prediction type, rule). Order: the explicit argument; file metadata (ours, or ModelSpec's
-    "modelspec.prediction_type"); a CompVis yaml beside the file ("parameterization: v", the
-    A1111 convention); a .ckpt's training step where it tells the family's releases apart (SD 2:
-    875000 is 512-base, eps; diffusers' rule); else the family convention: SD 1.x eps; SD 2.x v,
-    as the 768-v models are (SD 2 512-base users pass --prediction-type epsilon)."""
-    if explicit is not None:
-        _check_prediction_type(explicit)
-        return explicit, "given explicitly"
-    metadata = metadata or {}
-    if metadata.get("prediction_type"):
-        return _check_prediction_type(metadata["prediction_type"]), "file metadata"
-    spec = metadata.get("modelspec.prediction_type")
-    if spec in ("epsilon", "v"):
-        return ("v_prediction" if spec == "v" else "epsilon"), "modelspec.prediction_type metadata"
-    if yaml_path and os.path.isfile(yaml_path):
-        with open(yaml_path, errors="replace") as f:
-            v = re.search(r"^\s*parameterization:\s*['\"]?v['\"]?\s*$", f.read(), re.M)
-        return ("v_prediction" if v else "epsilon"), f"parameterization in {yaml_path}"
-    conventions = family_named(family)
-    if conventions.epsilon_checkpoint is not None and global_step is not None:
-        step, release = conventions.epsilon_checkpoint
-        found = "epsilon" if global_step == step else conventions.prediction_type
-        return found, (f"{conventions.display_name} .ckpt global_step {global_step} ({step}: "
-                       f"{release}, epsilon; other steps: {conventions.prediction_type})")
-    return conventions.prediction_type, "convention: " + conventions.prediction_note
-
-
-def _check_prediction_type(value: str) -> str:
-    if value not in PREDICTION_TYPES:
-        raise CheckpointError(f"prediction type must be one of {', '.join(PREDICTION_TYPES)}, "
-                              f"got {value!r}")
-    return value
 
 
 # ----------------------------------------------------------------------------- diffusers folders
@@ -265,22 +228,6 @@ def _ignored_keys(state_dict: dict) -> dict[str, str]:
 
 # ----------------------------------------------------------------------------- loading
 
-def _find_tokenizer(path: str, tokenizer_dir: str | None, required: bool):
-    """(CLIPTokenizer or None, rule): --tokenizer DIR; tokenizer/ beside the single file or in
-    the diffusers folder; the CLIP BPE vocabulary of an installed package; else an error."""
-    try:
-        if tokenizer_dir is not None:
-            return ldm_text.load_tokenizer(tokenizer_dir), f"given: {tokenizer_dir}"
-        beside = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "tokenizer")
-        if os.path.isdir(beside):
-            return ldm_text.load_tokenizer(beside), f"beside the weights: {beside}"
-        return ldm_text.load_tokenizer(None), "installed CLIP BPE vocabulary"
-    except ldm_text.TokenizerNotFound as e:
-        if required:
-            raise CheckpointError(str(e)) from None
-        return None, f"none found ({e})"
-
-
 def _pad_token_id(parts: Parts, tokenizer) -> tuple[int, str]:
     """(the id prompts are padded with, rule): the id our own file was saved with; a diffusers
     folder's tokenizer's own pad token (what diffusers pipelines pad with); else the family's
@@ -331,7 +278,7 @@ def load(path: str = DEFAULT_MODEL, tokenizer_dir: str | None = None,
     image_size = parts.image_size
     if image_size is None:
         image_size, decided["image_size"] = FAMILIES[parts.family].default_image_size(prediction)
-    tokenizer, decided["tokenizer"] = _find_tokenizer(path, tokenizer_dir, required=not meta)
+    tokenizer, decided["tokenizer"] = find_tokenizer(path, tokenizer_dir, required=not meta)
     pad, decided["pad_token"] = _pad_token_id(parts, tokenizer)
     try:
         with torch.device("meta"):  # no memory, no random init: every tensor comes from the file
