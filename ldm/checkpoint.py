@@ -278,7 +278,8 @@ def load(path: str = DEFAULT_MODEL, tokenizer_dir: str | None = None,
     image_size = parts.image_size
     if image_size is None:
         image_size, decided["image_size"] = FAMILIES[parts.family].default_image_size(prediction)
-    tokenizer, decided["tokenizer"] = find_tokenizer(path, tokenizer_dir, required=not meta)
+    tokenizer, decided["tokenizer"] = find_tokenizer(
+        path, tokenizer_dir, parts.text_config.vocab_size, required=not meta)
     pad, decided["pad_token"] = _pad_token_id(parts, tokenizer)
     try:
         with torch.device("meta"):  # no memory, no random init: every tensor comes from the file

@@ -3,7 +3,9 @@ the loader can record in `decided_by` which rule decided (ldm/checkpoint.py):
 
 - what the network predicts (eps or v): explicit, file metadata, a yaml beside the file, a .ckpt's
   training step, else the family's convention;
-- the tokenizer: --tokenizer DIR, tokenizer/ beside the weights, an installed CLIP vocabulary.
+- the tokenizer: --tokenizer DIR, tokenizer/ beside the weights, an installed CLIP vocabulary;
+  and whichever it is, its vocabulary must be as long as the text encoder's token table
+  (ids past the table raise IndexError at the first prompt; fewer tokens mean another vocabulary).
 """
 
 import os
@@ -52,17 +54,34 @@ def _check_prediction_type(value: str) -> str:
     return value
 
 
-def find_tokenizer(path: str, tokenizer_dir: str | None, required: bool):
+def find_tokenizer(path: str, tokenizer_dir: str | None, vocab_size: int, required: bool):
     """(CLIPTokenizer or None, rule): --tokenizer DIR; tokenizer/ beside the single file or in
-    the diffusers folder; the CLIP BPE vocabulary of an installed package; else an error."""
+    the diffusers folder; the CLIP BPE vocabulary of an installed package. A tokenizer whose
+    length is not `vocab_size` (the text encoder's token rows) is refused, naming both sizes.
+    None only when nothing was found, nothing was asked for and `required` is False (the meta
+    device: inspecting needs no tokenizer); otherwise CheckpointError."""
     try:
         if tokenizer_dir is not None:
-            return ldm_text.load_tokenizer(tokenizer_dir), f"given: {tokenizer_dir}"
-        beside = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "tokenizer")
-        if os.path.isdir(beside):
-            return ldm_text.load_tokenizer(beside), f"beside the weights: {beside}"
-        return ldm_text.load_tokenizer(None), "installed CLIP BPE vocabulary"
+            found = ldm_text.load_tokenizer(tokenizer_dir), f"given: {tokenizer_dir}"
+        else:
+            found = _implicit_tokenizer(path)
     except ldm_text.TokenizerNotFound as e:
-        if required:
+        if required or tokenizer_dir is not None:
             raise CheckpointError(str(e)) from None
         return None, f"none found ({e})"
+    tokenizer, rule = found
+    if len(tokenizer) != vocab_size:
+        raise CheckpointError(
+            f"{path}: the tokenizer ({rule}) has {len(tokenizer)} tokens but the text encoder's "
+            f"token table has {vocab_size} rows: pass --tokenizer DIR, the tokenizer folder the "
+            "model came with")
+    return found
+
+
+def _implicit_tokenizer(path: str):
+    """(tokenizer, rule) found without --tokenizer: tokenizer/ beside the weights, else an
+    installed CLIP BPE vocabulary, else TokenizerNotFound."""
+    beside = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "tokenizer")
+    if os.path.isdir(beside):
+        return ldm_text.load_tokenizer(beside), f"beside the weights: {beside}"
+    return ldm_text.load_tokenizer(None), "installed CLIP BPE vocabulary"

@@ -42,7 +42,8 @@ CLIP_MERGES = 49152 - 256 - 2                      # merges CLIP uses: vocab 494
 
 
 class TokenizerNotFound(Exception):
-    """No CLIP vocabulary was found; the message says how to supply one."""
+    """No usable CLIP vocabulary was found (none there, or unreadable); the message says how to
+    supply one."""
 
 
 # --------------------------------------------------------------------------- configs
@@ -207,7 +208,7 @@ def load_tokenizer(directory: str | None = None) -> CLIPTokenizer:
         for folder in (Path(directory), Path(directory) / "tokenizer"):
             if (folder / "tokenizer.json").is_file() or (
                     (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()):
-                return CLIPTokenizer.from_pretrained(str(folder))
+                return _read_tokenizer(folder)
         raise TokenizerNotFound(f"no {TOKENIZER_FILES} in {directory} or {directory}/tokenizer")
     bpe = find_bpe_vocabulary()
     if bpe is None:
@@ -215,6 +216,15 @@ def load_tokenizer(directory: str | None = None) -> CLIPTokenizer:
             f"no CLIP tokenizer: pass --tokenizer DIR (a folder with {TOKENIZER_FILES}, such as a "
             f"diffusers model's tokenizer/), or install a package that ships {BPE_FILE} (pip install open_clip_torch)")
     return tokenizer_from_bpe(bpe)
+
+
+def _read_tokenizer(folder: Path) -> CLIPTokenizer:
+    try:
+        return CLIPTokenizer.from_pretrained(str(folder))
+    except Exception as e:  # the tokenizers library raises plain Exceptions for bad files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise TokenizerNotFound(f"{folder}: unreadable tokenizer ({type(e).__name__}: {first})") \
+            from None
 
 
 def find_bpe_vocabulary() -> Path | None:
