@@ -149,8 +149,10 @@ def _single_file_parts(path: str, meta: bool) -> Parts:
     stored, configs = _stored_config(path, metadata)
     if stored:
         family, family_rule = stored["family"], f"file metadata ({METADATA_KEY})"
-    # our own files (metadata) hold exactly the text layers used; real SD 2 files one more
-    layers = stored["text"]["num_hidden_layers"] if stored else None
+    # our own files (metadata) hold exactly the text layers used; SD 2 files from elsewhere may
+    # hold one more, never read (ldm.text.used_text_blocks)
+    layers, blocks_rule = (stored["text"]["num_hidden_layers"], None) if stored else \
+        ldm_text.used_text_blocks(state_dict, family)
     unet_sd, vae_sd, text_sd = _components(path, state_dict, family, layers)
     decided = {"family": family_rule, **_ignored_keys(state_dict)}
     if stored:
@@ -161,6 +163,8 @@ def _single_file_parts(path: str, meta: bool) -> Parts:
     else:
         configs, rules = _configs_from_shapes(path, unet_sd, vae_sd, text_sd, family)
         decided.update(rules)
+        if blocks_rule:
+            decided["text_config"] += "; " + blocks_rule
     return Parts(family=family, unet=unet_sd, unet_config=configs[0], vae=vae_sd,
                  vae_config=configs[1], text=text_sd, text_config=configs[2],
                  decided_by=decided, metadata={**metadata, **stored},
@@ -171,7 +175,7 @@ def _single_file_parts(path: str, meta: bool) -> Parts:
 def _components(path: str, state_dict: dict, family: str, text_layers: int | None
                 ) -> tuple[dict, dict, dict]:
     """(UNet, VAE, text encoder) state dicts of a single file: prefixes stripped, the text
-    encoder in CLIPTextModel names with its first `text_layers` blocks (None: ldm.text's rule)."""
+    encoder in CLIPTextModel names with its first `text_layers` blocks (SD 1: None, all)."""
     unet_sd = {k[len(UNET_PREFIX):]: v for k, v in state_dict.items() if k.startswith(UNET_PREFIX)}
     # (some VAE checkpoints keep their training loss, LPIPS and discriminator, under loss.*)
     vae_sd = {k[len(VAE_PREFIX):]: v for k, v in state_dict.items() if k.startswith(VAE_PREFIX)

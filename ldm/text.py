@@ -18,6 +18,9 @@ CLIPTextModel's last_hidden_state, every family reads the same output, a single-
 a diffusers SD 2 folder give the same module tree (and the same spectral-shift names), and no
 dead block gets shifts or compute. The cost: a single file we write for SD 2 has 23 blocks and
 no text_projection; CompVis, A1111 and ComfyUI load it non-strictly and never run that block.
+Files in the wild come both ways too (used_text_blocks decides by what the file holds): the
+whole tower (24 blocks) from OpenCLIP-based training, only the used 23 from diffusers' script
+convert_diffusers_to_original_stable_diffusion.py, a common way fine-tuned SD 2 models are shared.
 
 Every context is max_position_embeddings = 77 tokens: <|startoftext|> prompt <|endoftext|> pad...,
 truncated so that the last kept token is <|endoftext|>. The empty prompt "" gives the
@@ -118,20 +121,22 @@ _OPENCLIP_TOP = {"token_embedding.weight": "embeddings.token_embedding.weight",
                  "positional_embedding": "embeddings.position_embedding.weight",
                  "ln_final.weight": "final_layer_norm.weight", "ln_final.bias": "final_layer_norm.bias"}
 _OPENCLIP_UNUSED = {"text_projection", "logit_scale", "attn_mask"}   # CLIP's image-text head, a buffer
+VIT_H_BLOCKS = 24   # OpenCLIP ViT-H/14's text tower, SD 2's; its last block is never read
 
 
 def hf_text_state_dict(checkpoint_sd: dict, family: str, num_layers: int | None = None) -> dict:
     """The text encoder of a CompVis-layout checkpoint, as CLIPTextModel (transformers 5) keys.
 
     position_ids is dropped (it is often corrupt in merged checkpoints and is not a weight).
-    SD 2: text_projection and logit_scale are dropped, and every block from `num_layers` on.
-    By default that is the file's last block, which SD 2 never reads (module doc); files written
-    by compvis_text_state_dict hold only the used blocks: pass the config's num_hidden_layers.
+    SD 2: text_projection and logit_scale are dropped, and every block from `num_layers` on;
+    None: used_text_blocks' rule (the unused last block of a whole OpenCLIP tower goes).
     """
     conventions = family_named(family)
     prefix = conventions.text_prefix
     own = {k[len(prefix):]: v for k, v in checkpoint_sd.items() if k.startswith(prefix)}
     if conventions.text_encoder == OPENCLIP:
+        if num_layers is None:
+            num_layers = used_text_blocks(checkpoint_sd, family)[0]
         out = _openclip_to_hf(own, num_layers) if own else {}
     else:
         # SD 1 files carry "text_model." (transformers 4 names); transformers 5 has no such level
@@ -143,17 +148,43 @@ def hf_text_state_dict(checkpoint_sd: dict, family: str, num_layers: int | None 
     return out
 
 
-def _openclip_to_hf(openclip: dict, num_layers: int | None) -> dict:
+def used_text_blocks(checkpoint_sd: dict, family: str) -> tuple[int | None, str | None]:
+    """(how many of a single file's text blocks the family reads, the rule that decided);
+    (None, None) for HF CLIP files, which hold only what is read.
+
+    SD 2 reads the penultimate block of OpenCLIP's tower, so a file holding the whole tower
+    has one block never read, its last, which is dropped; a file converted from a CLIPTextModel
+    holds only the used blocks, all kept. For ViT-H, SD 2's tower, the count tells: 24 blocks is
+    the whole tower (OpenCLIP-based training, kohya's exports), 23 the used ones (diffusers'
+    convert_diffusers_to_original_stable_diffusion.py). For towers of other depths (tests' tiny
+    ones) the image-text head tells: OpenCLIP saves text_projection with the whole tower, a
+    CLIPTextModel has none."""
+    conventions = family_named(family)
+    if conventions.text_encoder != OPENCLIP:
+        return None, None
+    block = re.compile(re.escape(conventions.text_prefix) + r"transformer\.resblocks\.(\d+)\.")
+    blocks = 1 + max((int(m.group(1)) for k in checkpoint_sd if (m := block.match(k))), default=-1)
+    if blocks in (VIT_H_BLOCKS - 1, VIT_H_BLOCKS):
+        whole, why = blocks == VIT_H_BLOCKS, f"ViT-H has {VIT_H_BLOCKS}"
+    else:
+        whole = conventions.text_prefix + "text_projection" in checkpoint_sd
+        why = "text_projection present" if whole else "no text_projection"
+    if whole:
+        return blocks - 1, f"{blocks} OpenCLIP blocks, the whole tower ({why}): the last, unused, dropped"
+    return blocks, f"{blocks} OpenCLIP blocks, all used ({why}: converted from a CLIPTextModel)"
+
+
+def _openclip_to_hf(openclip: dict, num_layers: int) -> dict:
     block_of = lambda key: re.match(r"transformer\.resblocks\.(\d+)\.", key)
-    if num_layers is None:   # all but the last block
-        num_layers = max((int(m.group(1)) for k in openclip if (m := block_of(k))), default=0)
     out, unknown = {}, []
     for key, value in openclip.items():
         part = re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)", key)
         in_proj = re.fullmatch(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)", key)
         if key in _OPENCLIP_TOP:
             out[_OPENCLIP_TOP[key]] = value
-        elif key in _OPENCLIP_UNUSED or (block_of(key) and int(block_of(key).group(1)) >= num_layers):
+        elif key in _OPENCLIP_UNUSED or key.endswith("position_ids") or (
+                block_of(key) and int(block_of(key).group(1)) >= num_layers):
+            # (diffusers' script carries a CLIPTextModel's position_ids along when it had one)
             continue
         elif in_proj:   # rows are [q; k; v], `width` rows each
             index, kind = in_proj.groups()
