@@ -23,7 +23,7 @@ whole tower (24 blocks) from OpenCLIP-based training, only the used 23 from diff
 convert_diffusers_to_original_stable_diffusion.py, a common way fine-tuned SD 2 models are shared.
 
 Every context is max_position_embeddings = 77 tokens: <|startoftext|> prompt <|endoftext|> pad...,
-truncated so that the last kept token is <|endoftext|>. The empty prompt "" gives the
+truncated so that the last kept token is <|endoftext|> (with one warning line per prompt cut). The empty prompt "" gives the
 unconditional context for classifier-free guidance: encode([""]).
 """
 
@@ -31,6 +31,7 @@ import gzip
 import importlib.metadata
 import json
 import re
+import sys
 import tempfile
 from pathlib import Path
 
@@ -83,6 +84,7 @@ class TextEncoder(nn.Module):
         self.tokenizer = tokenizer
         self.max_length = config.max_position_embeddings
         self.pad_token_id = tokenizer.pad_token_id if pad_token_id is None else pad_token_id
+        self.checked_prompts = set()  # prompts already measured for warn_if_cut
 
     @classmethod
     def for_family(cls, family: str, tokenizer: CLIPTokenizer, config: CLIPTextConfig | None = None):
@@ -95,11 +97,27 @@ class TextEncoder(nn.Module):
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         """LongTensor (B, max_length): <|startoftext|> ... <|endoftext|> then pad_token_id."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        for prompt in prompts:
+            self.warn_if_cut(prompt)
         rows = self.tokenizer(prompts, truncation=True, max_length=self.max_length)["input_ids"]
         ids = torch.full((len(rows), self.max_length), self.pad_token_id, dtype=torch.long)
         for i, row in enumerate(rows):
             ids[i, :len(row)] = torch.tensor(row)
         return ids
+
+    def warn_if_cut(self, prompt: str) -> None:
+        """One line on stderr, once per distinct prompt, when the prompt is more than max_length
+        tokens counting <|startoftext|> and <|endoftext|>: truncation would cut it silently."""
+        if prompt in self.checked_prompts:
+            return
+        self.checked_prompts.add(prompt)
+        # tokenize(): the same pieces as encoding, without transformers' own length warning
+        count = len(self.tokenizer.tokenize(prompt)) + 2
+        if count > self.max_length:
+            shown = " ".join(prompt.split())  # one line, even for a prompt with newlines
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            print(f"warning: prompt '{shown}' is {count} tokens; CLIP reads the first "
+                  f"{self.max_length}, the rest is ignored", file=sys.stderr, flush=True)
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.transformer(input_ids=token_ids).last_hidden_state
