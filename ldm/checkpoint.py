@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from transformers import CLIPTextConfig
 
-from ldm import diffusers_layout
+from ldm import diffusers_layout, rules
 from ldm import text as ldm_text
 from ldm.compvis_layout import (UNET_PREFIX, VAE_PREFIX, detect_family,  # noqa: F401 (API)
                                 unet_config_from_state_dict, vae_config_from_state_dict)
@@ -285,6 +285,7 @@ def load(path: str = DEFAULT_MODEL, tokenizer_dir: str | None = None,
     tokenizer, decided["tokenizer"] = find_tokenizer(
         path, tokenizer_dir, parts.text_config.vocab_size, required=not meta)
     pad, decided["pad_token"] = _pad_token_id(parts, tokenizer)
+    made_by, decided["made_by"] = rules.made_by(parts.metadata)
     try:
         with torch.device("meta"):  # no memory, no random init: every tensor comes from the file
             unet, vae = UNetModel(parts.unet_config), AutoencoderKL(parts.vae_config)
@@ -302,7 +303,7 @@ def load(path: str = DEFAULT_MODEL, tokenizer_dir: str | None = None,
     model = StableDiffusion(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(),
                             schedule=NoiseSchedule(), family=parts.family,
                             prediction_type=prediction, decided_by=decided, source=path,
-                            image_size=image_size)
+                            image_size=image_size, made_by=made_by)
     return model if meta else model.to(device)
 
 

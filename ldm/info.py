@@ -49,6 +49,7 @@ def describe(path: str, tokenizer_dir: str | None = None,
     rows = [
         ("file", f"{path} ({kind}, {_size_on_disk(path) / 2 ** 20:.1f} MiB)"),
         ("family", f"{FAMILIES[model.family].display_name}   <- {why['family']}"),
+        ("made by", f"{model.made_by}   <- {why['made_by']}" if model.made_by else why["made_by"]),
         ("prediction", f"{model.prediction_type}   <- {why['prediction_type']}"),
         ("image size", f"{model.image_size}   <- {why['image_size']}"),
         ("dtype", ", ".join(f"{d} ({n} tensors)" for d, n in dtypes.most_common())),

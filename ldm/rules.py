@@ -5,7 +5,9 @@ the loader can record in `decided_by` which rule decided (ldm/checkpoint.py):
   training step, else the family's convention;
 - the tokenizer: --tokenizer DIR, tokenizer/ beside the weights, an installed CLIP vocabulary;
   and whichever it is, its vocabulary must be as long as the text encoder's token table
-  (ids past the table raise IndexError at the first prompt; fewer tokens mean another vocabulary).
+  (ids past the table raise IndexError at the first prompt; fewer tokens mean another vocabulary);
+- which program made the model, when the file names it (metadata), so callers can pick
+  defaults by what a model is rather than where its file lies.
 """
 
 import os
@@ -15,6 +17,12 @@ from ldm import text as ldm_text
 from ldm.family import family_named
 from ldm.files import CheckpointError
 from ldm.schedule import PREDICTION_TYPES
+
+# the program that wrote the bundled toy model; what StableDiffusion.made_by says for its files
+TOY_PRETRAIN = "train.toy.pretrain"
+# safetensors metadata key -> the program it names (the key holds that program's settings);
+# "train.pretrain" is the program's earlier name, which the bundled weights/toy-sd.safetensors carries
+MADE_BY_KEYS = {"train.toy.pretrain": TOY_PRETRAIN, "train.pretrain": TOY_PRETRAIN}
 
 
 def decide_prediction_type(family: str, explicit: str | None = None, metadata: dict | None = None,
@@ -85,3 +93,12 @@ def _implicit_tokenizer(path: str):
     if os.path.isdir(beside):
         return ldm_text.load_tokenizer(beside), f"beside the weights: {beside}"
     return ldm_text.load_tokenizer(None), "installed CLIP BPE vocabulary"
+
+
+def made_by(metadata: dict) -> tuple[str | None, str]:
+    """(the program that made the model, rule) from a file's metadata keys (MADE_BY_KEYS); None
+    when the file names none, as real SD files do."""
+    for key, program in MADE_BY_KEYS.items():
+        if key in metadata:
+            return program, f"file metadata ({key})"
+    return None, "no program named in the file"

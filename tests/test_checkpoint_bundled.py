@@ -1,6 +1,6 @@
 """The bundled toy model away from where it is bundled: copied without its tokenizer/ folder it is
 refused with one line naming both vocabulary sizes (not an IndexError at the first prompt), and
---tokenizer DIR brings it back."""
+--tokenizer DIR brings it back; wherever its file lies, the model says what made it (made_by)."""
 
 import os
 import shutil
@@ -8,8 +8,11 @@ import shutil
 import pytest
 
 from ldm import checkpoint as ckpt
+from ldm import info
+from ldm.rules import TOY_PRETRAIN
 from ldm.text import find_bpe_vocabulary
-from tiny import write_tokenizer
+from test_info import full_size_keys, write_sparse_safetensors
+from tiny import tiny_model, write_tokenizer
 
 BUNDLED_TOKENIZER = os.path.join(os.path.dirname(ckpt.DEFAULT_MODEL), "tokenizer")
 
@@ -63,3 +66,32 @@ def test_unreadable_tokenizer_folder_is_one_line(copy_alone, tmp_path):
 def test_an_empty_tokenizer_folder_given_is_refused_even_for_inspection(copy_alone, tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="no tokenizer.json or vocab.json"):
         ckpt.load(copy_alone, tokenizer_dir=str(tmp_path), device="meta")
+
+
+def test_made_by_is_what_the_file_says_not_where_it_lies(copy_alone, capsys):
+    bundled = ckpt.load(device="meta")
+    assert bundled.made_by == TOY_PRETRAIN == "train.toy.pretrain"
+    assert bundled.decided_by["made_by"] == "file metadata (train.pretrain)"  # its earlier name
+    copy = ckpt.load(copy_alone, tokenizer_dir=BUNDLED_TOKENIZER)
+    assert copy.made_by == TOY_PRETRAIN and copy.source == copy_alone
+    assert info.main([copy_alone, "--tokenizer", BUNDLED_TOKENIZER]) == 0
+    assert "made by     train.toy.pretrain   <- file metadata (train.pretrain)" in \
+        capsys.readouterr().out
+
+
+def test_made_by_of_other_files(tmp_path, capsys):
+    model = tiny_model("sd1", tokenizer_dir=str(tmp_path / "tokenizer"))
+    assert model.made_by is None
+    ckpt.save_single_file(str(tmp_path / "plain.safetensors"), model)
+    ckpt.save_single_file(str(tmp_path / "toy.safetensors"), model,  # as train.toy.pretrain writes
+                          extra_metadata={"train.toy.pretrain": "{}"})
+    assert ckpt.load(str(tmp_path / "plain.safetensors")).made_by is None
+    toy = ckpt.load(str(tmp_path / "toy.safetensors"))
+    assert toy.made_by == TOY_PRETRAIN
+    assert toy.decided_by["made_by"] == "file metadata (train.toy.pretrain)"
+    real = tmp_path / "real"  # away from the tiny tokenizer
+    real.mkdir()
+    write_sparse_safetensors(real / "sd15.safetensors", full_size_keys("sd1"))  # a real SD file
+    assert ckpt.load(str(real / "sd15.safetensors"), device="meta").made_by is None
+    assert info.main([str(real / "sd15.safetensors")]) == 0
+    assert "made by     no program named in the file" in capsys.readouterr().out
