@@ -76,11 +76,15 @@ def is_diffusers_folder(path: str) -> bool:
 
 
 def _read_json(path: str) -> dict:
+    """A JSON object (a config file), else CheckpointError."""
     try:
         with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+            found = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: cannot read ({e})") from None
+    if not isinstance(found, dict):
+        raise CheckpointError(f"{path}: not a config (a JSON {type(found).__name__}, not an object)")
+    return found
 
 
 def _component_weights(folder: str, meta: bool) -> dict:
@@ -106,8 +110,8 @@ def _diffusers_parts(path: str, meta: bool) -> Parts:
         if unet_config.in_channels != 4:
             raise ValueError(f"UNet in_channels {unet_config.in_channels} (inpainting, depth, "
                              "pix2pix or upscaler); text-to-image models have 4")
-        text_config = CLIPTextConfig(**_read_json(os.path.join(path, "text_encoder",
-                                                               "config.json")))
+        text_config = ldm_text.text_config_from_dict(
+            _read_json(os.path.join(path, "text_encoder", "config.json")))
         family, family_rule = diffusers_layout.detect_family(unet_config, text_config.hidden_act)
         vae_config = diffusers_layout.vae_config(
             _read_json(os.path.join(path, "vae", "config.json")), FAMILIES[family].latent_scale)
@@ -115,8 +119,11 @@ def _diffusers_parts(path: str, meta: bool) -> Parts:
             _component_weights(os.path.join(path, "unet"), meta), unet_config)
         vae_sd = diffusers_layout.vae_state_dict(
             _component_weights(os.path.join(path, "vae"), meta), vae_config)
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"{path}: {e}") from None
+    except KeyError as e:
+        raise CheckpointError(f"{path}: incomplete diffusers folder (no {e.args[0]!r} in a "
+                              "config or weights file)") from None
+    except (ValueError, TypeError) as e:  # TypeError: a config value of the wrong type
+        raise CheckpointError(f"{path}: {str(e).strip().splitlines()[0]}") from None
     text_sd = diffusers_layout.text_state_dict(
         _component_weights(os.path.join(path, "text_encoder"), meta))
     scheduler = os.path.join(path, "scheduler", "scheduler_config.json")
@@ -126,7 +133,9 @@ def _diffusers_parts(path: str, meta: bool) -> Parts:
                "vae_config": "diffusers vae/config.json",
                "text_config": "diffusers text_encoder/config.json"}
     # diffusers pipelines default to sample_size latents, times the VAE factor
-    image_size = unet_json.get("sample_size", 0) * 2 ** (len(vae_config.ch_mult) - 1) or None
+    sample_size = unet_json.get("sample_size")
+    image_size = sample_size * 2 ** (len(vae_config.ch_mult) - 1) if type(sample_size) is int \
+        and sample_size > 0 else None
     if image_size:
         decided["image_size"] = "diffusers unet sample_size"
     return Parts(family=family, unet=unet_sd, unet_config=unet_config, vae=vae_sd,
@@ -142,6 +151,9 @@ def _single_file_parts(path: str, meta: bool) -> Parts:
     """Our own files load back exactly from the config in their metadata; other files get
     configs from shapes and the family's conventions."""
     state_dict, metadata = read_single_file(path, meta)
+    if "svdiff-shifts" in metadata.get("format", ""):  # spectral/io.py's files (a JSON string)
+        raise CheckpointError(f"{path}: a spectral-shift file (trained deltas), not a base model; "
+                              "apply it with python -m edit.sample --shift FILE")
     try:
         family, family_rule = detect_family(state_dict)
     except CheckpointError as e:
@@ -211,7 +223,7 @@ def _stored_config(path: str, metadata: dict) -> tuple[dict, tuple | None]:
         stored = json.loads(metadata[METADATA_KEY])
         family_named(stored["family"])
         return stored, (UNetConfig(**stored["unet"]), VAEConfig(**stored["vae"]),
-                        CLIPTextConfig(**stored["text"]))
+                        ldm_text.text_config_from_dict(stored["text"]))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: corrupt {METADATA_KEY} metadata ({type(e).__name__}: "
                               f"{e})") from None
@@ -282,16 +294,21 @@ def load(path: str = DEFAULT_MODEL, tokenizer_dir: str | None = None,
     image_size = parts.image_size
     if image_size is None:
         image_size, decided["image_size"] = FAMILIES[parts.family].default_image_size(prediction)
-    tokenizer, decided["tokenizer"] = find_tokenizer(
-        path, tokenizer_dir, parts.text_config.vocab_size, required=not meta)
+    # the rows the weights hold, which token ids index (the config's vocab_size may disagree,
+    # which the strict load below reports)
+    table = parts.text.get("embeddings.token_embedding.weight")
+    rows = parts.text_config.vocab_size if table is None else table.shape[0]
+    tokenizer, decided["tokenizer"] = find_tokenizer(path, tokenizer_dir, rows, required=not meta)
     pad, decided["pad_token"] = _pad_token_id(parts, tokenizer)
     made_by, decided["made_by"] = rules.made_by(parts.metadata)
     try:
         with torch.device("meta"):  # no memory, no random init: every tensor comes from the file
             unet, vae = UNetModel(parts.unet_config), AutoencoderKL(parts.vae_config)
             text_encoder = ldm_text.TextEncoder(parts.text_config, tokenizer, pad_token_id=pad)
-    except (ValueError, RuntimeError) as e:  # e.g. widths GroupNorm(32) cannot split
-        raise CheckpointError(f"{path}: its config does not build an SD model ({e})") from None
+    except (ValueError, RuntimeError, TypeError) as e:  # e.g. widths GroupNorm(32) cannot
+        # split, a config value of the wrong type
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: its config does not build an SD model ({first})") from None
     try:
         _load_strict(unet, parts.unet, "UNet", dtype, device)
         _load_strict(vae, parts.vae, "VAE", dtype, device)

@@ -69,6 +69,16 @@ def text_config_from_state_dict(hf_state_dict: dict, family: str,
         bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1)
 
 
+def text_config_from_dict(values: dict) -> CLIPTextConfig:
+    """CLIPTextConfig(**values) of a config file, or ValueError with a one-line message:
+    transformers 5 checks each field's type and raises its own exceptions (not ValueError)."""
+    try:
+        return CLIPTextConfig(**values)
+    except Exception as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise ValueError(f"bad text encoder config ({' '.join(lines[:2])[:200]})") from None
+
+
 # --------------------------------------------------------------------------- the encoder
 
 class TextEncoder(nn.Module):
