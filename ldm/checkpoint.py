@@ -152,8 +152,9 @@ def _single_file_parts(path: str, meta: bool) -> Parts:
     configs from shapes and the family's conventions."""
     state_dict, metadata = read_single_file(path, meta)
     if "svdiff-shifts" in metadata.get("format", ""):  # spectral/io.py's files (a JSON string)
-        raise CheckpointError(f"{path}: a spectral-shift file (trained deltas), not a base model; "
-                              "apply it with python -m edit.sample --shift FILE")
+        raise CheckpointError(f"{path}: no Stable Diffusion UNet keys: a spectral-shift file "
+                              "(trained deltas), not a base model; apply it with python -m "
+                              "edit.sample --shift FILE")
     try:
         family, family_rule = detect_family(state_dict)
     except CheckpointError as e:

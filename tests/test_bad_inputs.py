@@ -170,8 +170,9 @@ LDM_INFO = [           # ldm.info
     case("ldm.info", "{run_payload}/checkpoint.pt", 2, "it was not unpickled"),
     case("ldm.info", "{run_foreign}/checkpoint.pt", 2, "no Stable Diffusion UNet keys"),
     case("ldm.info", "{run}/checkpoint.pt", 2, "no Stable Diffusion UNet keys"),
-    case("ldm.info", "{run}/spectral_shifts.safetensors", 2, "a spectral-shift file (trained deltas), "
-         "not a base model; apply it with python -m edit.sample --shift FILE"),
+    case("ldm.info", "{run}/spectral_shifts.safetensors", 2, "no Stable Diffusion UNet keys: a "
+         "spectral-shift file (trained deltas), not a base model; apply it with python -m edit.sample "
+         "--shift FILE"),
     case("ldm.info", "{truncated}", 2, "truncated safetensors file"),
     case("ldm.info", "{lora}", 2, "a LoRA file"),
     case("ldm.info", "{model} --prediction-type bogus", 2, "invalid choice: 'bogus'"),
