@@ -62,10 +62,10 @@ def _check_prediction_type(value: str) -> str:
     return value
 
 
-def find_tokenizer(path: str, tokenizer_dir: str | None, vocab_size: int, required: bool):
+def find_tokenizer(path: str, tokenizer_dir: str | None, token_rows: int, required: bool):
     """(CLIPTokenizer or None, rule): --tokenizer DIR; tokenizer/ beside the single file or in
     the diffusers folder; the CLIP BPE vocabulary of an installed package. A tokenizer whose
-    length is not `vocab_size` (the text encoder's token rows) is refused, naming both sizes.
+    length is not `token_rows` (the text encoder's token table) is refused, naming both sizes.
     None only when nothing was found, nothing was asked for and `required` is False (the meta
     device: inspecting needs no tokenizer); otherwise CheckpointError."""
     try:
@@ -78,10 +78,10 @@ def find_tokenizer(path: str, tokenizer_dir: str | None, vocab_size: int, requir
             raise CheckpointError(str(e)) from None
         return None, f"none found ({e})"
     tokenizer, rule = found
-    if len(tokenizer) != vocab_size:
+    if len(tokenizer) != token_rows:
         raise CheckpointError(
             f"{path}: the tokenizer ({rule}) has {len(tokenizer)} tokens but the text encoder's "
-            f"token table has {vocab_size} rows: pass --tokenizer DIR, the tokenizer folder the "
+            f"token table has {token_rows} rows: pass --tokenizer DIR, the tokenizer folder the "
             "model came with")
     return found
 

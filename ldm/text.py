@@ -23,8 +23,8 @@ whole tower (24 blocks) from OpenCLIP-based training, only the used 23 from diff
 convert_diffusers_to_original_stable_diffusion.py, a common way fine-tuned SD 2 models are shared.
 
 Every context is max_position_embeddings = 77 tokens: <|startoftext|> prompt <|endoftext|> pad...,
-truncated so that the last kept token is <|endoftext|> (with one warning line per prompt cut). The empty prompt "" gives the
-unconditional context for classifier-free guidance: encode([""]).
+truncated so that the last kept token is <|endoftext|> (with one warning line per prompt cut).
+The empty prompt "" gives the unconditional context for classifier-free guidance: encode([""]).
 """
 
 import gzip
