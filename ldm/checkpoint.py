@@ -23,13 +23,12 @@ extract_ema) use; released "-ema-only" files already hold EMA weights there.
 
 import json
 import os
-import re
 from dataclasses import asdict, dataclass, field
 
 import torch
 from transformers import CLIPTextConfig
 
-from ldm import diffusers_layout
+from ldm import diffusers_layout, rules
 from ldm import text as ldm_text
 from ldm.compvis_layout import (UNET_PREFIX, VAE_PREFIX, detect_family,  # noqa: F401 (API)
                                 unet_config_from_state_dict, vae_config_from_state_dict)
@@ -37,7 +36,8 @@ from ldm.diffusers_layout import diffusers_unet_name_to_compvis  # noqa: F401 (A
 from ldm.family import FAMILIES, SUPPORTED, family_named
 from ldm.files import CheckpointError, describe_mismatch, file_format, read_single_file  # noqa: F401 (API)
 from ldm.model import StableDiffusion
-from ldm.schedule import PREDICTION_TYPES, NoiseSchedule
+from ldm.rules import decide_prediction_type, find_tokenizer
+from ldm.schedule import NoiseSchedule
 from ldm.unet import UNetConfig, UNetModel
 from ldm.vae import AutoencoderKL, VAEConfig
 
@@ -67,43 +67,6 @@ class Parts:
     pad_as_tokenizer: bool = False  # diffusers folders: pad as their tokenizer (as pipelines do)
 
 
-def decide_prediction_type(family: str, explicit: str | None = None, metadata: dict | None = None,
-                           yaml_path: str | None = None, global_step: int | None = None
-                           ) -> tuple[str, str]:
-    """(prediction type, rule). Order: the explicit argument; file metadata (ours, or ModelSpec's
-    "modelspec.prediction_type"); a CompVis yaml beside the file ("parameterization: v", the
-    A1111 convention); a .ckpt's training step where it tells the family's releases apart (SD 2:
-    875000 is 512-base, eps; diffusers' rule); else the family convention: SD 1.x eps; SD 2.x v,
-    as the 768-v models are (SD 2 512-base users pass --prediction-type epsilon)."""
-    if explicit is not None:
-        _check_prediction_type(explicit)
-        return explicit, "given explicitly"
-    metadata = metadata or {}
-    if metadata.get("prediction_type"):
-        return _check_prediction_type(metadata["prediction_type"]), "file metadata"
-    spec = metadata.get("modelspec.prediction_type")
-    if spec in ("epsilon", "v"):
-        return ("v_prediction" if spec == "v" else "epsilon"), "modelspec.prediction_type metadata"
-    if yaml_path and os.path.isfile(yaml_path):
-        with open(yaml_path, errors="replace") as f:
-            v = re.search(r"^\s*parameterization:\s*['\"]?v['\"]?\s*$", f.read(), re.M)
-        return ("v_prediction" if v else "epsilon"), f"parameterization in {yaml_path}"
-    conventions = family_named(family)
-    if conventions.epsilon_checkpoint is not None and global_step is not None:
-        step, release = conventions.epsilon_checkpoint
-        found = "epsilon" if global_step == step else conventions.prediction_type
-        return found, (f"{conventions.display_name} .ckpt global_step {global_step} ({step}: "
-                       f"{release}, epsilon; other steps: {conventions.prediction_type})")
-    return conventions.prediction_type, "convention: " + conventions.prediction_note
-
-
-def _check_prediction_type(value: str) -> str:
-    if value not in PREDICTION_TYPES:
-        raise CheckpointError(f"prediction type must be one of {', '.join(PREDICTION_TYPES)}, "
-                              f"got {value!r}")
-    return value
-
-
 # ----------------------------------------------------------------------------- diffusers folders
 
 def is_diffusers_folder(path: str) -> bool:
@@ -113,11 +76,15 @@ def is_diffusers_folder(path: str) -> bool:
 
 
 def _read_json(path: str) -> dict:
+    """A JSON object (a config file), else CheckpointError."""
     try:
         with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+            found = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: cannot read ({e})") from None
+    if not isinstance(found, dict):
+        raise CheckpointError(f"{path}: not a config (a JSON {type(found).__name__}, not an object)")
+    return found
 
 
 def _component_weights(folder: str, meta: bool) -> dict:
@@ -143,8 +110,8 @@ def _diffusers_parts(path: str, meta: bool) -> Parts:
         if unet_config.in_channels != 4:
             raise ValueError(f"UNet in_channels {unet_config.in_channels} (inpainting, depth, "
                              "pix2pix or upscaler); text-to-image models have 4")
-        text_config = CLIPTextConfig(**_read_json(os.path.join(path, "text_encoder",
-                                                               "config.json")))
+        text_config = ldm_text.text_config_from_dict(
+            _read_json(os.path.join(path, "text_encoder", "config.json")))
         family, family_rule = diffusers_layout.detect_family(unet_config, text_config.hidden_act)
         vae_config = diffusers_layout.vae_config(
             _read_json(os.path.join(path, "vae", "config.json")), FAMILIES[family].latent_scale)
@@ -152,8 +119,11 @@ def _diffusers_parts(path: str, meta: bool) -> Parts:
             _component_weights(os.path.join(path, "unet"), meta), unet_config)
         vae_sd = diffusers_layout.vae_state_dict(
             _component_weights(os.path.join(path, "vae"), meta), vae_config)
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"{path}: {e}") from None
+    except KeyError as e:
+        raise CheckpointError(f"{path}: incomplete diffusers folder (no {e.args[0]!r} in a "
+                              "config or weights file)") from None
+    except (ValueError, TypeError) as e:  # TypeError: a config value of the wrong type
+        raise CheckpointError(f"{path}: {str(e).strip().splitlines()[0]}") from None
     text_sd = diffusers_layout.text_state_dict(
         _component_weights(os.path.join(path, "text_encoder"), meta))
     scheduler = os.path.join(path, "scheduler", "scheduler_config.json")
@@ -163,7 +133,9 @@ def _diffusers_parts(path: str, meta: bool) -> Parts:
                "vae_config": "diffusers vae/config.json",
                "text_config": "diffusers text_encoder/config.json"}
     # diffusers pipelines default to sample_size latents, times the VAE factor
-    image_size = unet_json.get("sample_size", 0) * 2 ** (len(vae_config.ch_mult) - 1) or None
+    sample_size = unet_json.get("sample_size")
+    image_size = sample_size * 2 ** (len(vae_config.ch_mult) - 1) if type(sample_size) is int \
+        and sample_size > 0 else None
     if image_size:
         decided["image_size"] = "diffusers unet sample_size"
     return Parts(family=family, unet=unet_sd, unet_config=unet_config, vae=vae_sd,
@@ -179,6 +151,10 @@ def _single_file_parts(path: str, meta: bool) -> Parts:
     """Our own files load back exactly from the config in their metadata; other files get
     configs from shapes and the family's conventions."""
     state_dict, metadata = read_single_file(path, meta)
+    if "svdiff-shifts" in metadata.get("format", ""):  # spectral/io.py's files (a JSON string)
+        raise CheckpointError(f"{path}: no Stable Diffusion UNet keys: a spectral-shift file "
+                              "(trained deltas), not a base model; apply it with python -m "
+                              "edit.sample --shift FILE")
     try:
         family, family_rule = detect_family(state_dict)
     except CheckpointError as e:
@@ -186,8 +162,10 @@ def _single_file_parts(path: str, meta: bool) -> Parts:
     stored, configs = _stored_config(path, metadata)
     if stored:
         family, family_rule = stored["family"], f"file metadata ({METADATA_KEY})"
-    # our own files (metadata) hold exactly the text layers used; real SD 2 files one more
-    layers = stored["text"]["num_hidden_layers"] if stored else None
+    # our own files (metadata) hold exactly the text layers used; SD 2 files from elsewhere may
+    # hold one more, never read (ldm.text.used_text_blocks)
+    layers, blocks_rule = (stored["text"]["num_hidden_layers"], None) if stored else \
+        ldm_text.used_text_blocks(state_dict, family)
     unet_sd, vae_sd, text_sd = _components(path, state_dict, family, layers)
     decided = {"family": family_rule, **_ignored_keys(state_dict)}
     if stored:
@@ -198,6 +176,8 @@ def _single_file_parts(path: str, meta: bool) -> Parts:
     else:
         configs, rules = _configs_from_shapes(path, unet_sd, vae_sd, text_sd, family)
         decided.update(rules)
+        if blocks_rule:
+            decided["text_config"] += "; " + blocks_rule
     return Parts(family=family, unet=unet_sd, unet_config=configs[0], vae=vae_sd,
                  vae_config=configs[1], text=text_sd, text_config=configs[2],
                  decided_by=decided, metadata={**metadata, **stored},
@@ -208,7 +188,7 @@ def _single_file_parts(path: str, meta: bool) -> Parts:
 def _components(path: str, state_dict: dict, family: str, text_layers: int | None
                 ) -> tuple[dict, dict, dict]:
     """(UNet, VAE, text encoder) state dicts of a single file: prefixes stripped, the text
-    encoder in CLIPTextModel names with its first `text_layers` blocks (None: ldm.text's rule)."""
+    encoder in CLIPTextModel names with its first `text_layers` blocks (SD 1: None, all)."""
     unet_sd = {k[len(UNET_PREFIX):]: v for k, v in state_dict.items() if k.startswith(UNET_PREFIX)}
     # (some VAE checkpoints keep their training loss, LPIPS and discriminator, under loss.*)
     vae_sd = {k[len(VAE_PREFIX):]: v for k, v in state_dict.items() if k.startswith(VAE_PREFIX)
@@ -244,7 +224,7 @@ def _stored_config(path: str, metadata: dict) -> tuple[dict, tuple | None]:
         stored = json.loads(metadata[METADATA_KEY])
         family_named(stored["family"])
         return stored, (UNetConfig(**stored["unet"]), VAEConfig(**stored["vae"]),
-                        CLIPTextConfig(**stored["text"]))
+                        ldm_text.text_config_from_dict(stored["text"]))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: corrupt {METADATA_KEY} metadata ({type(e).__name__}: "
                               f"{e})") from None
@@ -264,22 +244,6 @@ def _ignored_keys(state_dict: dict) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- loading
-
-def _find_tokenizer(path: str, tokenizer_dir: str | None, required: bool):
-    """(CLIPTokenizer or None, rule): --tokenizer DIR; tokenizer/ beside the single file or in
-    the diffusers folder; the CLIP BPE vocabulary of an installed package; else an error."""
-    try:
-        if tokenizer_dir is not None:
-            return ldm_text.load_tokenizer(tokenizer_dir), f"given: {tokenizer_dir}"
-        beside = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "tokenizer")
-        if os.path.isdir(beside):
-            return ldm_text.load_tokenizer(beside), f"beside the weights: {beside}"
-        return ldm_text.load_tokenizer(None), "installed CLIP BPE vocabulary"
-    except ldm_text.TokenizerNotFound as e:
-        if required:
-            raise CheckpointError(str(e)) from None
-        return None, f"none found ({e})"
-
 
 def _pad_token_id(parts: Parts, tokenizer) -> tuple[int, str]:
     """(the id prompts are padded with, rule): the id our own file was saved with; a diffusers
@@ -331,14 +295,21 @@ def load(path: str = DEFAULT_MODEL, tokenizer_dir: str | None = None,
     image_size = parts.image_size
     if image_size is None:
         image_size, decided["image_size"] = FAMILIES[parts.family].default_image_size(prediction)
-    tokenizer, decided["tokenizer"] = _find_tokenizer(path, tokenizer_dir, required=not meta)
+    # the rows the weights hold, which token ids index (the config's vocab_size may disagree,
+    # which the strict load below reports)
+    table = parts.text.get("embeddings.token_embedding.weight")
+    rows = parts.text_config.vocab_size if table is None else table.shape[0]
+    tokenizer, decided["tokenizer"] = find_tokenizer(path, tokenizer_dir, rows, required=not meta)
     pad, decided["pad_token"] = _pad_token_id(parts, tokenizer)
+    made_by, decided["made_by"] = rules.made_by(parts.metadata)
     try:
         with torch.device("meta"):  # no memory, no random init: every tensor comes from the file
             unet, vae = UNetModel(parts.unet_config), AutoencoderKL(parts.vae_config)
             text_encoder = ldm_text.TextEncoder(parts.text_config, tokenizer, pad_token_id=pad)
-    except (ValueError, RuntimeError) as e:  # e.g. widths GroupNorm(32) cannot split
-        raise CheckpointError(f"{path}: its config does not build an SD model ({e})") from None
+    except (ValueError, RuntimeError, TypeError) as e:  # e.g. widths GroupNorm(32) cannot
+        # split, a config value of the wrong type
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: its config does not build an SD model ({first})") from None
     try:
         _load_strict(unet, parts.unet, "UNet", dtype, device)
         _load_strict(vae, parts.vae, "VAE", dtype, device)
@@ -350,7 +321,7 @@ def load(path: str = DEFAULT_MODEL, tokenizer_dir: str | None = None,
     model = StableDiffusion(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(),
                             schedule=NoiseSchedule(), family=parts.family,
                             prediction_type=prediction, decided_by=decided, source=path,
-                            image_size=image_size)
+                            image_size=image_size, made_by=made_by)
     return model if meta else model.to(device)
 
 

@@ -38,15 +38,30 @@ def _safetensors_header(path: str) -> tuple[dict, dict]:
         try:
             header = json.loads(f.read(n))
             metadata = header.pop("__metadata__", None) or {}
+            _check_header(header, metadata)
             end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
         except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError,
-                TypeError, IndexError) as e:
+                TypeError, IndexError, ValueError) as e:
             raise CheckpointError(f"{path}: corrupt safetensors header ({type(e).__name__}: "
                                   f"{e})") from None
     if 8 + n + end > size:
         raise CheckpointError(f"{path}: truncated safetensors file (tensors need {8 + n + end} "
                               f"bytes, the file has {size})")
     return header, metadata
+
+
+def _check_header(header: dict, metadata: dict) -> None:
+    """ValueError unless every entry has a shape of non-negative ints and two int data offsets,
+    and the metadata maps strings to strings (what the format allows), so that a damaged header
+    is caught here rather than by whatever reads it next."""
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError("__metadata__ is not a map of strings")
+    for name, entry in header.items():
+        shape, offsets = entry["shape"], entry["data_offsets"]
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
+                and isinstance(offsets, list) and len(offsets) == 2
+                and all(type(o) is int and o >= 0 for o in offsets)):
+            raise ValueError(f"entry {name!r}: shape {shape!r}, data_offsets {offsets!r}")
 
 
 def _read_safetensors(path: str, meta: bool) -> tuple[dict, dict]:
@@ -145,13 +160,19 @@ def read_single_file(path: str, meta: bool = False) -> tuple[dict, dict]:
     if os.path.isdir(path):
         raise CheckpointError(f"{path}: is a directory, not a diffusers folder (no "
                               "model_index.json nor unet/ vae/ text_encoder/)")
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file")
-    kind = file_format(path)
-    if kind is None:
-        raise CheckpointError(f"{path}: not a checkpoint (neither safetensors nor a PyTorch file)")
-    read = _read_safetensors if kind == "safetensors" else _read_pickle
-    state_dict, metadata = read(path, meta)
+    if not os.path.isfile(path):  # a device, a pipe: reading could block or never end
+        raise CheckpointError(f"{path}: not a regular file")
+    try:
+        kind = file_format(path)
+        if kind is None:
+            raise CheckpointError(f"{path}: not a checkpoint (neither safetensors nor a PyTorch "
+                                  "file)")
+        read = _read_safetensors if kind == "safetensors" else _read_pickle
+        state_dict, metadata = read(path, meta)
+    except OSError as e:  # unreadable (permissions, I/O error)
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
     if not state_dict:
         raise CheckpointError(f"{path}: contains no tensors")
     return state_dict, metadata

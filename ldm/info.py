@@ -2,9 +2,10 @@
 
     python -m ldm.info PATH [--tokenizer DIR] [--prediction-type epsilon|v_prediction]
 
-PATH: a single file (.safetensors, .ckpt) or a diffusers folder. Prints the family, the
-prediction type and image size with the rule that decided each, parameter counts per
-component, dtype and size on disk, the configs, and where the tokenizer would come from.
+PATH: a single file (.safetensors, .ckpt) or a diffusers folder. Prints the family, the program
+that made it (when the file says), the prediction type and image size with the rule that
+decided each, parameter counts per component, dtype and size on disk, the configs, and where
+the tokenizer comes from (it must fit the text encoder's token table).
 
 Safetensors files are read header only (a 4 GB file in well under a second) and the models are
 built on the meta device; .ckpt pickles are memory-mapped (torch.load(weights_only=True)).
@@ -49,6 +50,7 @@ def describe(path: str, tokenizer_dir: str | None = None,
     rows = [
         ("file", f"{path} ({kind}, {_size_on_disk(path) / 2 ** 20:.1f} MiB)"),
         ("family", f"{FAMILIES[model.family].display_name}   <- {why['family']}"),
+        ("made by", f"{model.made_by}   <- {why['made_by']}" if model.made_by else why["made_by"]),
         ("prediction", f"{model.prediction_type}   <- {why['prediction_type']}"),
         ("image size", f"{model.image_size}   <- {why['image_size']}"),
         ("dtype", ", ".join(f"{d} ({n} tensors)" for d, n in dtypes.most_common())),

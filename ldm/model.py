@@ -62,6 +62,9 @@ class StableDiffusion:
     image_size: int | None = None  # default size of generated images; None: the VAE's
     # training resolution (vae.config.resolution), right for models built here; the loader
     # sets SD's own (512 / 768) by convention
+    made_by: str | None = None  # the program that made the model when its file says so
+    # (ldm.rules.MADE_BY_KEYS: "train.toy.pretrain" for the bundled toy model and its copies);
+    # None for real SD files. Pick defaults by this, not by the file's path
 
     def __post_init__(self):
         if self.image_size is None:

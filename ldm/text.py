@@ -18,16 +18,20 @@ CLIPTextModel's last_hidden_state, every family reads the same output, a single-
 a diffusers SD 2 folder give the same module tree (and the same spectral-shift names), and no
 dead block gets shifts or compute. The cost: a single file we write for SD 2 has 23 blocks and
 no text_projection; CompVis, A1111 and ComfyUI load it non-strictly and never run that block.
+Files in the wild come both ways too (used_text_blocks decides by what the file holds): the
+whole tower (24 blocks) from OpenCLIP-based training, only the used 23 from diffusers' script
+convert_diffusers_to_original_stable_diffusion.py, a common way fine-tuned SD 2 models are shared.
 
 Every context is max_position_embeddings = 77 tokens: <|startoftext|> prompt <|endoftext|> pad...,
-truncated so that the last kept token is <|endoftext|>. The empty prompt "" gives the
-unconditional context for classifier-free guidance: encode([""]).
+truncated so that the last kept token is <|endoftext|> (with one warning line per prompt cut).
+The empty prompt "" gives the unconditional context for classifier-free guidance: encode([""]).
 """
 
 import gzip
 import importlib.metadata
 import json
 import re
+import sys
 import tempfile
 from pathlib import Path
 
@@ -42,7 +46,8 @@ CLIP_MERGES = 49152 - 256 - 2                      # merges CLIP uses: vocab 494
 
 
 class TokenizerNotFound(Exception):
-    """No CLIP vocabulary was found; the message says how to supply one."""
+    """No usable CLIP vocabulary was found (none there, or unreadable); the message says how to
+    supply one."""
 
 
 # --------------------------------------------------------------------------- configs
@@ -64,6 +69,16 @@ def text_config_from_state_dict(hf_state_dict: dict, family: str,
         bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1)
 
 
+def text_config_from_dict(values: dict) -> CLIPTextConfig:
+    """CLIPTextConfig(**values) of a config file, or ValueError with a one-line message:
+    transformers 5 checks each field's type and raises its own exceptions (not ValueError)."""
+    try:
+        return CLIPTextConfig(**values)
+    except Exception as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise ValueError(f"bad text encoder config ({' '.join(lines[:2])[:200]})") from None
+
+
 # --------------------------------------------------------------------------- the encoder
 
 class TextEncoder(nn.Module):
@@ -79,6 +94,7 @@ class TextEncoder(nn.Module):
         self.tokenizer = tokenizer
         self.max_length = config.max_position_embeddings
         self.pad_token_id = tokenizer.pad_token_id if pad_token_id is None else pad_token_id
+        self.checked_prompts = set()  # prompts already measured for warn_if_cut
 
     @classmethod
     def for_family(cls, family: str, tokenizer: CLIPTokenizer, config: CLIPTextConfig | None = None):
@@ -91,11 +107,27 @@ class TextEncoder(nn.Module):
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         """LongTensor (B, max_length): <|startoftext|> ... <|endoftext|> then pad_token_id."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        for prompt in prompts:
+            self.warn_if_cut(prompt)
         rows = self.tokenizer(prompts, truncation=True, max_length=self.max_length)["input_ids"]
         ids = torch.full((len(rows), self.max_length), self.pad_token_id, dtype=torch.long)
         for i, row in enumerate(rows):
             ids[i, :len(row)] = torch.tensor(row)
         return ids
+
+    def warn_if_cut(self, prompt: str) -> None:
+        """One line on stderr, once per distinct prompt, when the prompt is more than max_length
+        tokens counting <|startoftext|> and <|endoftext|>: truncation would cut it silently."""
+        if prompt in self.checked_prompts:
+            return
+        self.checked_prompts.add(prompt)
+        # tokenize(): the same pieces as encoding, without transformers' own length warning
+        count = len(self.tokenizer.tokenize(prompt)) + 2
+        if count > self.max_length:
+            shown = " ".join(prompt.split())  # one line, even for a prompt with newlines
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            print(f"warning: prompt '{shown}' is {count} tokens; CLIP reads the first "
+                  f"{self.max_length}, the rest is ignored", file=sys.stderr, flush=True)
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.transformer(input_ids=token_ids).last_hidden_state
@@ -117,20 +149,22 @@ _OPENCLIP_TOP = {"token_embedding.weight": "embeddings.token_embedding.weight",
                  "positional_embedding": "embeddings.position_embedding.weight",
                  "ln_final.weight": "final_layer_norm.weight", "ln_final.bias": "final_layer_norm.bias"}
 _OPENCLIP_UNUSED = {"text_projection", "logit_scale", "attn_mask"}   # CLIP's image-text head, a buffer
+VIT_H_BLOCKS = 24   # OpenCLIP ViT-H/14's text tower, SD 2's; its last block is never read
 
 
 def hf_text_state_dict(checkpoint_sd: dict, family: str, num_layers: int | None = None) -> dict:
     """The text encoder of a CompVis-layout checkpoint, as CLIPTextModel (transformers 5) keys.
 
     position_ids is dropped (it is often corrupt in merged checkpoints and is not a weight).
-    SD 2: text_projection and logit_scale are dropped, and every block from `num_layers` on.
-    By default that is the file's last block, which SD 2 never reads (module doc); files written
-    by compvis_text_state_dict hold only the used blocks: pass the config's num_hidden_layers.
+    SD 2: text_projection and logit_scale are dropped, and every block from `num_layers` on;
+    None: used_text_blocks' rule (the unused last block of a whole OpenCLIP tower goes).
     """
     conventions = family_named(family)
     prefix = conventions.text_prefix
     own = {k[len(prefix):]: v for k, v in checkpoint_sd.items() if k.startswith(prefix)}
     if conventions.text_encoder == OPENCLIP:
+        if num_layers is None:
+            num_layers = used_text_blocks(checkpoint_sd, family)[0]
         out = _openclip_to_hf(own, num_layers) if own else {}
     else:
         # SD 1 files carry "text_model." (transformers 4 names); transformers 5 has no such level
@@ -142,17 +176,43 @@ def hf_text_state_dict(checkpoint_sd: dict, family: str, num_layers: int | None 
     return out
 
 
-def _openclip_to_hf(openclip: dict, num_layers: int | None) -> dict:
+def used_text_blocks(checkpoint_sd: dict, family: str) -> tuple[int | None, str | None]:
+    """(how many of a single file's text blocks the family reads, the rule that decided);
+    (None, None) for HF CLIP files, which hold only what is read.
+
+    SD 2 reads the penultimate block of OpenCLIP's tower, so a file holding the whole tower
+    has one block never read, its last, which is dropped; a file converted from a CLIPTextModel
+    holds only the used blocks, all kept. For ViT-H, SD 2's tower, the count tells: 24 blocks is
+    the whole tower (OpenCLIP-based training, kohya's exports), 23 the used ones (diffusers'
+    convert_diffusers_to_original_stable_diffusion.py). For towers of other depths (tests' tiny
+    ones) the image-text head tells: OpenCLIP saves text_projection with the whole tower, a
+    CLIPTextModel has none."""
+    conventions = family_named(family)
+    if conventions.text_encoder != OPENCLIP:
+        return None, None
+    block = re.compile(re.escape(conventions.text_prefix) + r"transformer\.resblocks\.(\d+)\.")
+    blocks = 1 + max((int(m.group(1)) for k in checkpoint_sd if (m := block.match(k))), default=-1)
+    if blocks in (VIT_H_BLOCKS - 1, VIT_H_BLOCKS):
+        whole, why = blocks == VIT_H_BLOCKS, f"ViT-H has {VIT_H_BLOCKS}"
+    else:
+        whole = conventions.text_prefix + "text_projection" in checkpoint_sd
+        why = "text_projection present" if whole else "no text_projection"
+    if whole:
+        return blocks - 1, f"{blocks} OpenCLIP blocks, the whole tower ({why}): the last, unused, dropped"
+    return blocks, f"{blocks} OpenCLIP blocks, all used ({why}: converted from a CLIPTextModel)"
+
+
+def _openclip_to_hf(openclip: dict, num_layers: int) -> dict:
     block_of = lambda key: re.match(r"transformer\.resblocks\.(\d+)\.", key)
-    if num_layers is None:   # all but the last block
-        num_layers = max((int(m.group(1)) for k in openclip if (m := block_of(k))), default=0)
     out, unknown = {}, []
     for key, value in openclip.items():
         part = re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)", key)
         in_proj = re.fullmatch(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)", key)
         if key in _OPENCLIP_TOP:
             out[_OPENCLIP_TOP[key]] = value
-        elif key in _OPENCLIP_UNUSED or (block_of(key) and int(block_of(key).group(1)) >= num_layers):
+        elif key in _OPENCLIP_UNUSED or key.endswith("position_ids") or (
+                block_of(key) and int(block_of(key).group(1)) >= num_layers):
+            # (diffusers' script carries a CLIPTextModel's position_ids along when it had one)
             continue
         elif in_proj:   # rows are [q; k; v], `width` rows each
             index, kind = in_proj.groups()
@@ -207,7 +267,7 @@ def load_tokenizer(directory: str | None = None) -> CLIPTokenizer:
         for folder in (Path(directory), Path(directory) / "tokenizer"):
             if (folder / "tokenizer.json").is_file() or (
                     (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()):
-                return CLIPTokenizer.from_pretrained(str(folder))
+                return _read_tokenizer(folder)
         raise TokenizerNotFound(f"no {TOKENIZER_FILES} in {directory} or {directory}/tokenizer")
     bpe = find_bpe_vocabulary()
     if bpe is None:
@@ -215,6 +275,15 @@ def load_tokenizer(directory: str | None = None) -> CLIPTokenizer:
             f"no CLIP tokenizer: pass --tokenizer DIR (a folder with {TOKENIZER_FILES}, such as a "
             f"diffusers model's tokenizer/), or install a package that ships {BPE_FILE} (pip install open_clip_torch)")
     return tokenizer_from_bpe(bpe)
+
+
+def _read_tokenizer(folder: Path) -> CLIPTokenizer:
+    try:
+        return CLIPTokenizer.from_pretrained(str(folder))
+    except Exception as e:  # the tokenizers library raises plain Exceptions for bad files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise TokenizerNotFound(f"{folder}: unreadable tokenizer ({type(e).__name__}: {first})") \
+            from None
 
 
 def find_bpe_vocabulary() -> Path | None:

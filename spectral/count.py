@@ -14,6 +14,7 @@ writes for the full-vector case (names and metadata included).
 import argparse
 import math
 import os
+import sys
 import tempfile
 
 import torch
@@ -80,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
+    """The command line; 0 on success (a bad argument: argparse's message and exit status 2)."""
     args = build_parser().parse_args(argv)
     models = build(args.family)
     counts = {name: count(model) for name, model in models.items()}
@@ -93,7 +95,8 @@ def main(argv=None) -> None:
               f"{megabytes(c['matrices'] + c['norm_vectors']):6.2f}   {c['norm_scalars']:12,d} "
               f"{megabytes(c['matrices'] + c['norm_scalars']):6.2f}")
     print(f"shift file for both, full-vector norms: {file_megabytes(models):.2f} MB")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

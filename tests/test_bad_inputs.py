@@ -83,6 +83,14 @@ def workspace(tmp_path_factory):
         else:
             (folder / "checkpoint.pt").write_bytes(content)
         paths[f"run_{name}"] = str(folder)
+    # ldm.info's cases: an empty file, a truncated .safetensors, a LoRA file
+    from safetensors.torch import save_file
+    paths.update({name: str(root / f) for name, f in (("empty_file", "empty.ckpt"),
+                  ("truncated", "truncated.safetensors"), ("lora", "lora.safetensors"))})
+    (root / "empty.ckpt").write_bytes(b"")
+    (root / "truncated.safetensors").write_bytes(Path(paths["model"]).read_bytes()[:100_000])
+    save_file({"lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32)},
+              paths["lora"])
     return paths
 
 
@@ -193,8 +201,38 @@ EDIT_SAMPLE = [         # edit.sample: (flags after quick settings, message); th
     case("edit.sample", "--prompt 'a red star' --quiet --output {root}/new.png "
          "--shift {run}/spectral_shifts.safetensors", 2, "was trained on another base model"),
 ]
-LDM_INFO = []           # ldm.info
-SPECTRAL_COUNT = []     # spectral.count
+LDM_INFO = [           # ldm.info
+    case("ldm.info", "", 2, "the following arguments are required: path"),
+    case("ldm.info", "{model} {model}", 2, "unrecognized arguments"),
+    case("ldm.info", "{root}/missing.safetensors", 2, "{root}/missing.safetensors: no such file"),
+    case("ldm.info", "{empty}", 2, "is a directory, not a diffusers folder"),
+    case("ldm.info", "{root}", 2, "is a directory, not a diffusers folder"),
+    case("ldm.info", "{file}", 2, "not a checkpoint (neither safetensors nor a PyTorch file)"),
+    case("ldm.info", "{empty_file}", 2, "{empty_file}: empty file"),
+    case("ldm.info", "{run_random}/checkpoint.pt", 2, "not a checkpoint"),
+    case("ldm.info", "{run_truncated}/checkpoint.pt", 2, "unreadable PyTorch file"),
+    case("ldm.info", "{run_payload}/checkpoint.pt", 2, "it was not unpickled"),
+    case("ldm.info", "{run_foreign}/checkpoint.pt", 2, "no Stable Diffusion UNet keys"),
+    case("ldm.info", "{run}/checkpoint.pt", 2, "no Stable Diffusion UNet keys"),
+    case("ldm.info", "{run}/spectral_shifts.safetensors", 2, "no Stable Diffusion UNet keys: a "
+         "spectral-shift file (trained deltas), not a base model; apply it with python -m edit.sample "
+         "--shift FILE"),
+    case("ldm.info", "{truncated}", 2, "truncated safetensors file"),
+    case("ldm.info", "{lora}", 2, "a LoRA file"),
+    case("ldm.info", "{model} --prediction-type bogus", 2, "invalid choice: 'bogus'"),
+    case("ldm.info", "{model} --prediction-type", 2, "expected one argument"),
+    case("ldm.info", "{model} --tokenizer {empty}", 2, "no tokenizer.json or vocab.json + merges.txt"),
+    case("ldm.info", "{model} --tokenizer {file}", 2, "no tokenizer.json or vocab.json + merges.txt"),
+    case("ldm.info", "{model} --tokenizer " + shlex.quote(os.path.dirname(checkpoint.DEFAULT_MODEL))
+         + "/tokenizer", 2,
+         "has 622 tokens but the text encoder's token table has", label="ldm.info {model} --tokenizer "
+         "weights/tokenizer (the bundled model's)"),
+]
+SPECTRAL_COUNT = [     # spectral.count
+    case("spectral.count", "--family bogus", 2, "invalid choice: 'bogus'"),
+    case("spectral.count", "--family", 2, "expected one argument"),
+    case("spectral.count", "sd15", 2, "unrecognized arguments: sd15"),
+]
 TOY_COMMANDS = [        # train.toy.pretrain, train.toy.reader, train.toy.world, train.toy.tokenizer
     # pretrain refused before its first step, never into weights/ or runs/ (the last flag counts)
     *(case("train.toy.pretrain", f"--output-dir {{root}}/toy --work-dir {{root}}/toy-work {extra}",

@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 
 import pytest
 import torch
@@ -127,3 +128,43 @@ def test_inconsistent_weights_give_one_line_errors(tmp_path):
         with pytest.raises(ckpt.CheckpointError, match=re.escape(message)) as info:
             ckpt.load(str(tmp_path / "broken.ckpt"))
         assert "\n" not in str(info.value)
+
+
+def write_header(path, header: dict) -> str:
+    """A safetensors file of this JSON header and 64 bytes of data."""
+    blob = json.dumps(header).encode()
+    path.write_bytes(len(blob).to_bytes(8, "little") + blob + bytes(64))
+    return str(path)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_damaged_headers_not_regular_files_and_configs_give_one_line(tmp_path, device):
+    entry = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+    cases = {
+        write_header(tmp_path / "offsets.safetensors", {"a": {**entry, "data_offsets": ["0", "8"]}}):
+            "corrupt safetensors header (ValueError: entry 'a'",
+        write_header(tmp_path / "shape.safetensors", {"a": {**entry, "shape": [-1]}}):
+            "corrupt safetensors header (ValueError: entry 'a'",
+        write_header(tmp_path / "metadata.safetensors", {"__metadata__": {"format": 5}, "a": entry}):
+            "__metadata__ is not a map of strings",
+        os.devnull: "not a regular file",
+    }
+    model = tiny_model("sd1", tokenizer_dir=str(tmp_path / "tokenizer"))
+    write_diffusers_folder(model, tmp_path / "folder")
+    unet_config = json.loads((tmp_path / "folder" / "unet" / "config.json").read_text())
+    configs = {"text_encoder": ("[]", "not a config (a JSON list, not an object)"),
+               "unet": (json.dumps({**unet_config, "cross_attention_dim": None}),
+                        "its config does not build an SD model")}
+    for component, (content, message) in configs.items():
+        folder = tmp_path / f"folder-{component}"
+        shutil.copytree(tmp_path / "folder", folder)
+        (folder / component / "config.json").write_text(content)
+        cases[str(folder)] = message
+    text = json.loads((tmp_path / "folder" / "text_encoder" / "config.json").read_text())
+    (tmp_path / "folder" / "text_encoder" / "config.json").write_text(
+        json.dumps({**text, "hidden_size": "64"}))  # transformers 5 checks types itself
+    cases[str(tmp_path / "folder")] = "bad text encoder config (Validation error for field"
+    for path, message in cases.items():
+        with pytest.raises(ckpt.CheckpointError) as refused:
+            ckpt.load(path, device=device)
+        assert message in str(refused.value) and "\n" not in str(refused.value), path

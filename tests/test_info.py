@@ -1,9 +1,11 @@
 """python -m ldm.info: what it prints for tiny and full-size files, and one-line refusals."""
 
 import json
+import pickle
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from ldm.family import FAMILIES
 from ldm.text import TextEncoder, compvis_text_state_dict
 from ldm.unet import UNetConfig, UNetModel
 from ldm.vae import AutoencoderKL, VAEConfig
-from test_checkpoint_refusals import bad_files
+from test_checkpoint_refusals import Payload, bad_files
 from tiny import tiny_model
 
 
@@ -112,6 +114,24 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
         result = run_info(path)
         assert result.returncode == 2 and result.stdout == ""
         assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert not marker.exists()
+
+
+def test_a_pickle_payload_is_refused_in_one_line_without_torchs_warning(tmp_path):
+    """A bare pickle of protocol 4 (Python's default): torch warns that its own is 2, and that
+    warning must not join the refusal."""
+    marker, path = tmp_path / "payload-ran", tmp_path / "payload.ckpt"
+    path.write_bytes(pickle.dumps({"state_dict": Payload(marker)}, protocol=4))
+    with warnings.catch_warnings(record=True) as caught:  # what the refusal must keep quiet
+        warnings.simplefilter("always")
+        with pytest.raises(pickle.UnpicklingError):
+            torch.load(path, weights_only=True)
+    assert any("pickle protocol" in str(w.message) for w in caught)
+    result = run_info(path)
+    assert result.returncode == 2 and result.stdout == "", result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: {path}: refused: this pickle needs more than tensors")
     assert not marker.exists()
 
 

@@ -246,3 +246,23 @@ def test_tokenize_pads_per_family(tiny_tokenizer_dir, family, pad):
     assert context.shape == (2, 77, WIDTH)
     with torch.no_grad():
         torch.testing.assert_close(context, encoder(ids[[0, 2]]))
+
+
+def test_a_prompt_over_77_tokens_is_cut_with_one_warning_per_prompt(tiny_tokenizer_dir, capsys):
+    tokenizer = load_tokenizer(str(tiny_tokenizer_dir))
+    encoder = TextEncoder.for_family("sd1", tokenizer, tiny_config(2, "quick_gelu"))
+    fits, cut = " ".join(["cat"] * 75), " ".join(["dog"] * 76)  # + <|startoftext|>, <|endoftext|>
+    long = "a photo of a cat\non the left " * 20  # 1 token a letter or space: hundreds of tokens
+    ids = encoder.tokenize([fits, cut, long])
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: prompt '" + " ".join(["dog"] * 14) + " d...' is 78 tokens; CLIP reads the first "
+        "77, the rest is ignored",
+        f"warning: prompt '{' '.join(long.split())[:57]}...' is "
+        f"{len(tokenizer.tokenize(long)) + 2} tokens; CLIP reads the first 77, the rest is ignored"]
+    # cut as before: the first 75 tokens, then <|endoftext|>
+    dog = tokenizer.convert_tokens_to_ids("dog</w>")
+    assert ids[1].tolist() == [tokenizer.bos_token_id] + [dog] * 75 + [tokenizer.eos_token_id]
+    assert ids[0, -1] == tokenizer.eos_token_id
+    encoder.tokenize([cut, long, cut])  # each distinct prompt warns once
+    encoder.encode([long])
+    assert capsys.readouterr().err == ""

@@ -67,25 +67,28 @@ def tiny_tokenizer(directory: str | None = None) -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(directory)
 
 
-def text_config(family: str, vocab_size: int):
-    """64 wide (one 64-channel head), SD 1: 2 layers quick_gelu; SD 2: 3 layers gelu."""
+def text_config(family: str, vocab_size: int, layers: int | None = None):
+    """64 wide (one 64-channel head), SD 1: 2 layers quick_gelu; SD 2: 3 layers gelu (unless
+    `layers` says otherwise)."""
     base = FAMILIES[family].text_config()
     return base.__class__(**{**base.to_dict(), "vocab_size": vocab_size, "hidden_size": 64,
                              "intermediate_size": 128, "num_attention_heads": 1,
-                             "num_hidden_layers": {"sd1": 2, "sd2": 3}[family],
+                             "num_hidden_layers": layers or {"sd1": 2, "sd2": 3}[family],
                              "bos_token_id": vocab_size - 2, "eos_token_id": vocab_size - 1,
                              "pad_token_id": FAMILIES[family].pad_token_id(vocab_size - 1)})
 
 
 def tiny_model(family: str = "sd1", tokenizer_dir: str | None = None, seed: int = 0,
-               prediction_type: str | None = None) -> StableDiffusion:
+               prediction_type: str | None = None, text_layers: int | None = None
+               ) -> StableDiffusion:
     """A random StableDiffusion of the family's layout, eval mode, float32 on the CPU.
-    tokenizer_dir: where to write the tokenizer (a temporary folder when None)."""
+    tokenizer_dir: where to write the tokenizer (a temporary folder when None); text_layers:
+    the text encoder's depth (default: text_config's)."""
     tokenizer = tiny_tokenizer(tokenizer_dir)
     torch.manual_seed(seed)
     unet = randomize(UNetModel(UNET[family]), seed)
     vae = randomize(AutoencoderKL(VAE), seed + 1)
-    text = TextEncoder.for_family(family, tokenizer, text_config(family, len(tokenizer)))
+    text = TextEncoder.for_family(family, tokenizer, text_config(family, len(tokenizer), text_layers))
     randomize(text.transformer, seed + 2)
     prediction_type = prediction_type or FAMILIES[family].prediction_type
     return StableDiffusion(unet=unet.eval(), vae=vae.eval(), text_encoder=text.eval(),
