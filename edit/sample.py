@@ -71,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="the unconditional side of guidance (default: empty)")
     sampling.add_argument("--sample-steps", type=int, default=25, metavar="N",
                           help="DDIM steps (default 25)")
-    sampling.add_argument("--guidance", type=float, default=7.5,
-                          help="classifier-free guidance scale; 1 disables it (default 7.5)")
+    sampling.add_argument("--guidance", type=float, metavar="X",
+                          help="classifier-free guidance scale; 1 disables it (default: the "
+                               "model's, 7.5 for SD, 4 for the bundled toy model and its copies)")
     sampling.add_argument("--eta", type=float, default=0.0,
                           help="DDIM noise: 0 deterministic, 1 DDPM-like (default 0)")
     sampling.add_argument("--seed", type=int, default=0, metavar="N",
@@ -120,10 +121,11 @@ def run(args: argparse.Namespace) -> str:
     if args.shift:
         apply_shifts(model, args.shift, cache_dir=args.svd_cache, progress=not args.quiet)
         model.to(dtype=dtype)
+    guidance = model.default_guidance if args.guidance is None else args.guidance
     images, labels = [], []
     for prompt in args.prompt:
         images.append(model.generate([prompt] * args.num_images, negative_prompt=args.negative_prompt,
-                                     steps=args.sample_steps, guidance=args.guidance, eta=args.eta,
+                                     steps=args.sample_steps, guidance=guidance, eta=args.eta,
                                      seed=args.seed, height=args.size, width=args.size,
                                      progress=not args.quiet).cpu())
         labels += [prompt] * args.num_images

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ldm import ddim
+from ldm.rules import TOY_PRETRAIN
 from ldm.schedule import NoiseSchedule
 from ldm.text import TextEncoder
 from ldm.unet import UNetModel
@@ -69,6 +70,12 @@ class StableDiffusion:
     def __post_init__(self):
         if self.image_size is None:
             self.image_size = self.vae.config.resolution
+
+    @property
+    def default_guidance(self) -> float:
+        """The classifier-free guidance scale the model is meant to be sampled with: SD's usual
+        7.5; 4 for the bundled toy model, whose sample grids were tuned at 4."""
+        return 4.0 if self.made_by == TOY_PRETRAIN else 7.5
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "StableDiffusion":
         """Move (and cast) the networks in place; returns self."""

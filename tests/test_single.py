@@ -280,6 +280,23 @@ def test_an_earlier_run_is_refused_then_replaced_with_overwrite(files, tmp_path,
     assert spectral.load_shifts(out / "spectral_shifts.safetensors")[1]["step"] == 1
 
 
+def test_defaults_follow_what_the_model_is_not_where_it_is(files, tmp_path):
+    """A byte-identical copy of the bundled model elsewhere gets the bundled model's defaults;
+    a model made otherwise gets SD's."""
+    import shutil
+    from train import core
+    bundled = os.path.dirname(checkpoint.DEFAULT_MODEL)
+    shutil.copy(checkpoint.DEFAULT_MODEL, tmp_path / "copy.safetensors")
+    shutil.copytree(os.path.join(bundled, "tokenizer"), tmp_path / "tokenizer")
+    for path, expected in ((str(tmp_path / "copy.safetensors"), (1e-2, 4.0, 8, 1, True)),
+                           (files["base"], (1e-3, 7.5, 4, None, False))):
+        config = single.parse_args(["--model", path])
+        model = checkpoint.load(path)
+        defaults = core.model_defaults(config, model)
+        assert tuple(defaults[k] for k in ("lr", "guidance", "batch_size", "threads",
+                                           "train_text_encoder")) == expected, path
+
+
 # --- bad input: one line each, exit code 2 (1 for a diverged run) ------------------------------
 
 def error_line(capsys):

@@ -40,22 +40,23 @@ from ldm import checkpoint
 from ldm.checkpoint import CheckpointError
 from train import config as run_config
 from ldm.files import describe_mismatch, load_pickle
+from ldm.rules import TOY_PRETRAIN
 from spectral.io import write_atomically
 from train.data import DataError, warn
 from train.log import TrainingLog, plot_losses
 
-# Defaults that depend on the model. SD: the paper's lr (DreamBooth's for a full fine-tune),
-# the usual guidance, torch's threads. The bundled tiny model must learn a subject in a few
-# hundred CPU steps: on its 16000-step weights, train.single's 500 steps at lr 1e-2, batch 8,
-# with the text encoder's shifts trained too give 82% subject fidelity and 14% prior drift
-# (UNet only, batch 4: 82% / 34%; a full fine-tune at 5e-4, batch 4: 96% / 26%). Earlier
-# weights: lr 5e-3 gave 62% / 22% (12000 steps), lr 1e-3 only 23% fidelity after 200 steps
-# (8000). It was tuned for guidance 4, and its layers are too small to split over threads
-# (2 threads ran 7x slower than 1 on a busy 2-core machine).
-MODEL_DEFAULTS = {"sd": {"lr": 1e-3, "full_lr": 5e-6, "guidance": 7.5, "threads": None,
-                         "batch_size": 4, "train_text_encoder": False},
-                  "bundled": {"lr": 1e-2, "full_lr": 5e-4, "guidance": 4.0, "threads": 1,
-                              "batch_size": 8, "train_text_encoder": True}}
+# Defaults that depend on what the model is (StableDiffusion.made_by, not where its file is).
+# SD: the paper's lr (DreamBooth's for a full fine-tune), torch's threads. The bundled tiny model
+# must learn a subject in a few hundred CPU steps: on its 16000-step weights, train.single's 500
+# steps at lr 1e-2, batch 8, with the text encoder's shifts trained too give 82% subject fidelity
+# and 14% prior drift (UNet only, batch 4: 82% / 34%; a full fine-tune at 5e-4, batch 4: 96% /
+# 26%). Earlier weights: lr 5e-3 gave 62% / 22% (12000 steps), lr 1e-3 only 23% fidelity after
+# 200 steps (8000). Its layers are too small to split over threads (2 threads ran 7x slower than
+# 1 on a busy 2-core machine). Guidance: the model's own (StableDiffusion.default_guidance).
+MODEL_DEFAULTS = {None: {"lr": 1e-3, "full_lr": 5e-6, "threads": None, "batch_size": 4,
+                         "train_text_encoder": False},
+                  TOY_PRETRAIN: {"lr": 1e-2, "full_lr": 5e-4, "threads": 1, "batch_size": 8,
+                                 "train_text_encoder": True}}
 
 
 class NonFiniteLoss(Exception):
@@ -68,13 +69,15 @@ class Interrupted(Exception):
 
 # ----------------------------------------------------------------------------- the base model
 
-def is_bundled(config) -> bool:
-    return os.path.abspath(config.model) == os.path.abspath(checkpoint.DEFAULT_MODEL)
+def is_toy_model(model) -> bool:
+    """The bundled tiny model, or a copy of it, wherever its file is."""
+    return model.made_by == TOY_PRETRAIN
 
 
-def model_defaults(config) -> dict:
+def model_defaults(config, model) -> dict:
     """The defaults of the flags left at None that depend on the model (MODEL_DEFAULTS)."""
-    defaults = dict(MODEL_DEFAULTS["bundled" if is_bundled(config) else "sd"])
+    defaults = dict(MODEL_DEFAULTS[TOY_PRETRAIN if is_toy_model(model) else None],
+                    guidance=model.default_guidance)
     full_lr = defaults.pop("full_lr")
     if config.method == "full":
         defaults.update(lr=full_lr, train_text_encoder=False)
@@ -82,12 +85,13 @@ def model_defaults(config) -> dict:
 
 
 def load_model(config):
-    """(the base model, its fingerprint: what shift files and checkpoints are bound to)."""
-    threads = config.threads or model_defaults(config)["threads"]
-    if threads:
-        torch.set_num_threads(threads)
+    """(the base model, its fingerprint: what shift files and checkpoints are bound to), with
+    torch's threads set (--threads, else the model's default)."""
     model = checkpoint.load(config.model, tokenizer_dir=config.tokenizer,
                             prediction_type=config.prediction_type, device=config.device)
+    threads = config.threads or model_defaults(config, model)["threads"]
+    if threads:
+        torch.set_num_threads(threads)
     return model, model.base_fingerprint()
 
 

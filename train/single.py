@@ -104,7 +104,7 @@ def check_prompts(config: SingleConfig) -> None:
 def resolve(config: SingleConfig, model, fingerprint: str) -> SingleConfig:
     """Every None filled in from the model and the example subject: the complete settings of
     this run, recorded in its checkpoint and shift file, never changed afterwards."""
-    filled = {k: v for k, v in core.model_defaults(config).items() if getattr(config, k) is None}
+    filled = {k: v for k, v in core.model_defaults(config, model).items() if getattr(config, k) is None}
     filled["resolution"] = config.resolution or model.image_size
     core.check_resolution(model, filled["resolution"])
     if config.instance_dir is None:
@@ -189,7 +189,7 @@ def train(config: SingleConfig):
             run.step(step, loss, instance_loss=instance_loss, prior_loss=prior_loss)
         run.finish()
 
-    if config.eval_samples and example and core.is_bundled(config):
+    if config.eval_samples and example and core.is_toy_model(model):
         fidelity, drift = subjects.measure(model, subjects.EXAMPLE.subject, config.instance_prompt,
                                            config.class_prompt, config.eval_samples,
                                            config.sample_steps, config.guidance, config.seed + 1)
