@@ -37,6 +37,17 @@ def test_unreadable_files_are_skipped_with_a_warning(tmp_path, capsys):
     assert err.count("\n") == 1 and "skipping a.txt" in err and "DS_Store" not in err
 
 
+def test_an_image_tripping_the_decompression_bomb_guard_is_skipped_with_a_warning(tmp_path, capsys,
+                                                                                  monkeypatch):
+    write_png(tmp_path / "huge.png", size=(64, 64))
+    write_png(tmp_path / "fine.png", size=(8, 8))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)   # 64 x 64 is over twice that: an error
+    images = read_images(tmp_path)
+    assert [im.info["source"] for im in images] == ["fine.png"]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "skipping huge.png" in err and "decompression bomb" in err
+
+
 def test_modes_become_rgb():
     rgba = Image.new("RGBA", (2, 1), (10, 20, 30, 255))
     rgba.putpixel((1, 0), (10, 20, 30, 0))          # transparent -> white background
