@@ -4,7 +4,7 @@ Each kind freezes the base model, then makes its own trainable part, behind one 
 
     trainable = METHODS[config.method](model, text_encoder=..., svd_cache=...)
     optimizer = torch.optim.AdamW(trainable.param_groups(lr, lr_1d))
-    trainable.save(path, metadata)      # the result file (if the kind has one)
+    trainable.save(path, metadata)      # the result file, for the kinds with a result_name
     trainable.merge()                   # plain weights again: sampling at the base model's cost
 
 - SpectralShifts (the method, spectral/): every weight W = U diag(sigma) V^T of the UNet (and
@@ -65,7 +65,7 @@ class SpectralShifts:
 
 
 class FullFinetune:
-    result_name = None
+    result_name = None  # no result file: its checkpoint.pt holds the weights, and save is never called
 
     def __init__(self, model: StableDiffusion, text_encoder: bool, svd_cache: str | None):
         if text_encoder:
@@ -75,9 +75,6 @@ class FullFinetune:
 
     def param_groups(self, lr: float, lr_1d: float) -> list[dict]:
         return [{"params": list(self.unet.parameters()), "lr": lr}]
-
-    def save(self, path: str, metadata: dict) -> None:
-        raise NotImplementedError("a full fine-tune has no result file besides its checkpoint")
 
     def merge(self) -> None:
         """The weights are trained in place: nothing to merge."""
