@@ -297,6 +297,14 @@ def test_defaults_follow_what_the_model_is_not_where_it_is(files, tmp_path):
                                            "train_text_encoder")) == expected, path
 
 
+def test_ctrl_c_before_training_began_is_one_line_too(files, tmp_path, monkeypatch, capsys):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(single, "read_data", interrupted)   # while class images are made, say
+    assert single.main(argv(files, tmp_path / "out", "--steps", "2")) == 130
+    assert error_line(capsys).startswith("interrupted before training began")
+
+
 # --- bad input: one line each, exit code 2 (1 for a diverged run) ------------------------------
 
 def error_line(capsys):

@@ -3,9 +3,9 @@
 A trainer (train/single.py) owns its batch, its loss and its loop; the rest is here:
 
     model, fingerprint = load_model(config)              # --model, --tokenizer, --device, ...
-    config = resolve(config, model)                      # the trainer's: a new, complete value
+    config = resolve(config, model, fingerprint)         # the trainer's: a new, complete value
     trainable = METHODS[config.method](model, ...)       # train/trainable.py
-    with Run(config, model, trainable, fingerprint, metadata) as run:
+    with Run(config, model, trainable, fingerprint, metadata, ...) as run:
         for step in run.steps():                         # resumes; progress bar
             loss = ...                                   # the trainer's batch and loss
             run.step(step, loss, instance_loss=...)      # backward, clip, AdamW; log, save, grids
@@ -333,5 +333,9 @@ def main(train, config) -> int:
         return 1
     except Interrupted as error:
         print(f"\n{error}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # before training began (loading, the SVD, class images)
+        print("\ninterrupted before training began; class images and SVDs made so far are kept "
+              "for the next run", file=sys.stderr)
         return 130
     return 0
