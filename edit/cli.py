@@ -9,9 +9,8 @@ write that hold no earlier result (unless --overwrite).
 Each refusal is a ValueError whose message is one line naming the flag and, for an earlier
 result, the way out (--overwrite; --resume where the command has it); usage_errors turns it
 into argparse's error (the usage line, that line, exit status 2). Checked first, a refused
-command costs nothing and changes nothing on disk. Run configurations built with
-train/config.py get the finite-number and minimum checks from there; check_range is for
-argparse flags and for the maxima that config's `option` cannot express.
+command costs nothing and changes nothing on disk. train/config.py checks every field of a
+run configuration with check_range, from the range its `option` declares.
 """
 
 import argparse

@@ -117,6 +117,11 @@ def train(extra, exit, message, output="{root}/new"):
 TRAIN_SINGLE = [
     train("", 2, "holds an earlier run", output="{run}"),
     train("--resume --overwrite", 2, "give one of them", output="{run}"),
+    train("--overwrite --model {file}", 2, "not a checkpoint", output="{run}"),  # the run stays
+    train("--seed 100000000000000000000000", 2, "--seed must be at most"),
+    train("--seed -1", 2, "--seed must not be negative"),
+    train("--sample-steps 5000", 2, "--sample-steps must be at most 999"),
+    train("--svd-cache {file}", 2, "--svd-cache {file}: is a file, not a directory"),
     train("--resume --steps 1", 2, "past --steps 1; give --steps 2 or more", output="{run}"),
     train("--resume", 2, "unreadable PyTorch file (RuntimeError", output="{run_truncated}"),
     train("--resume", 2, "not a PyTorch file", output="{run_random}"),

@@ -305,6 +305,16 @@ def test_ctrl_c_before_training_began_is_one_line_too(files, tmp_path, monkeypat
     assert error_line(capsys).startswith("interrupted before training began")
 
 
+def test_resume_trains_at_the_learning_rates_given_now(files, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert single.main(argv(files, out, "--steps", "2", "--prior-loss-weight", "0")) == 0
+    assert single.main(argv(files, out, "--steps", "3", "--prior-loss-weight", "0", "--resume",
+                            "--lr", "0.5", "--lr-1d", "0.25")) == 0
+    assert "--lr, --lr-1d differ from the checkpoint's" in capsys.readouterr().err
+    groups = torch.load(out / "checkpoint.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [g["lr"] for g in groups] == [0.5, 0.25]
+
+
 # --- bad input: one line each, exit code 2 (1 for a diverged run) ------------------------------
 
 def error_line(capsys):

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from edit.cli import check_range, usage_errors
+from edit.cli import check_output_dir, check_range, usage_errors
 from ldm.checkpoint import DEFAULT_MODEL
 from ldm.model import usable_device
 from ldm.schedule import PREDICTION_TYPES
@@ -102,6 +102,8 @@ def check(parser: argparse.ArgumentParser, config) -> None:
                 check_range(flag(f.name), getattr(config, f.name), *f.metadata["range"])
         if isinstance(config, RunConfig):
             usable_device(config.device)
+            if config.svd_cache:
+                check_output_dir(config.svd_cache, (), True, flag="--svd-cache")
 
 
 def to_config(parser: argparse.ArgumentParser, config_class, values: dict):
@@ -134,7 +136,8 @@ class RunConfig:
     """What every trainer takes. None means: decided from the model when the run starts."""
     # the base model
     model: str = option(DEFAULT_MODEL, "base model: a single .safetensors / .ckpt file or a "
-                        "diffusers folder (default: the bundled tiny model)", metavar="PATH")
+                        "diffusers folder (default: the bundled tiny model)", metavar="PATH",
+                        same_on_resume=False)   # the base fingerprint decides, not the path
     tokenizer: str | None = option(None, f"folder with {TOKENIZER_FILES} (default: tokenizer/ "
                                    "beside the model, else an installed CLIP BPE vocabulary)", metavar="DIR")
     prediction_type: str | None = option(None, "what the network predicts (default: decided by "
@@ -153,7 +156,8 @@ class RunConfig:
                                     "again); default: 4, 8 for the bundled tiny model", minimum=1)
     resolution: int | None = option(None, "training image size; default: the model's (32 for the "
                                     "bundled model, 512 for SD 1.x)", minimum=1)
-    seed: int = option(0, "seeds data order, augmentation, t, noise and samples")
+    seed: int = option(0, "seeds data order, augmentation, t, noise and samples", minimum=0,
+                       maximum=2**40)  # step_generator's seeds must stay below 2**64
     mixed_precision: str = option("no", "autocast the forward; the trained values and the "
                                   "optimizer stay fp32", choices=("no", "fp16", "bf16"))
     gradient_checkpointing: bool = option(False, "recompute UNet activations in backward: less "
@@ -168,6 +172,7 @@ class RunConfig:
                                    "training); 0: before and after only", minimum=0,
                                    same_on_resume=False)
     sample_steps: int = option(25, "DDIM steps for class images, grids, evaluation", minimum=1,
+                               maximum=999,
                                same_on_resume=False)
     guidance: float | None = option(None, "classifier-free guidance scale for sampling; default: "
                                     "7.5, 4 on the bundled tiny model (what it was tuned for)",
@@ -187,5 +192,6 @@ class RunConfig:
                                    metavar="DIR", same_on_resume=False)
     device: str = option("cuda" if torch.cuda.is_available() else "cpu", "cpu, cuda, cuda:1, ...",
                          metavar="DEVICE")
+    # CPU reductions depend on the thread count: another one changes the last bits
     threads: int | None = option(None, "CPU threads; default: torch's, 1 for the bundled tiny "
-                                 "model", minimum=1, same_on_resume=False)
+                                 "model", minimum=1)

@@ -126,9 +126,10 @@ def generate(model, prompts: list[str], seed: int, config) -> list:
 
 # ----------------------------------------------------------------------------- the output folder
 
-def check_output_dir(config, result_name: str | None) -> None:
+def check_output_dir(config, result_name: str | None) -> list[Path]:
     """Never replace a result silently: a folder holding an earlier run is continued with
-    --resume or replaced with --overwrite (its results and grids removed first), else refused."""
+    --resume or replaced with --overwrite, else refused. Returns what --overwrite replaces,
+    which `Run` removes once everything else has been checked and loaded."""
     if config.resume and config.overwrite:
         raise DataError("--resume continues the run in --output-dir and --overwrite replaces it: "
                         "give one of them")
@@ -138,10 +139,10 @@ def check_output_dir(config, result_name: str | None) -> None:
                                        way_out="continue it with --resume, or replace it with --overwrite")
     except ValueError as error:
         raise DataError(str(error)) from None
-    if earlier and not config.resume:
-        out = Path(config.output_dir)
-        for path in earlier + [out / "loss.png", *out.glob("samples/step-*.png")]:
-            path.unlink(missing_ok=True)
+    if config.resume:
+        return []
+    out = Path(config.output_dir)
+    return earlier + [out / "loss.png", *out.glob("samples/step-*.png")]
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -198,7 +199,10 @@ def load_checkpoint(path: Path, model, optimizer, scaler, fingerprint: str, conf
     with torch.no_grad():
         for name, value in state["parameters"].items():
             parameters[name].copy_(value)
+    learning_rates = [group["lr"] for group in optimizer.param_groups]
     optimizer.load_state_dict(state["optimizer"])
+    for group, lr in zip(optimizer.param_groups, learning_rates):  # this run's --lr, --lr-1d
+        group["lr"] = lr
     scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"])
     if state["cuda_rng"] and torch.cuda.is_available():
@@ -224,11 +228,14 @@ class Run:
         self.validation_prompts = list(config.validation_prompt or validation_prompts)
         self.out = Path(config.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
+        for path in check_output_dir(config, trainable.result_name):  # --overwrite: only now
+            path.unlink(missing_ok=True)
         model.unet.gradient_checkpointing = config.gradient_checkpointing
         model.unet.train()
         groups = trainable.param_groups(config.lr, config.lr_1d)
         self.parameters = [p for group in groups for p in group["params"]]
-        self.optimizer = torch.optim.AdamW(groups, weight_decay=1e-2)  # decay pulls toward the base
+        # weight decay pulls shifts toward 0, the base model (a full fine-tune's weights toward 0)
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=1e-2)
         self.scaler = torch.amp.GradScaler(model.device.type, enabled=config.mixed_precision == "fp16")
         self.start = (load_checkpoint(self.out / "checkpoint.pt", model, self.optimizer, self.scaler,
                                       fingerprint, config) if config.resume else 0)
@@ -326,6 +333,9 @@ def main(train, config) -> int:
     try:
         train(config)
     except (DataError, CheckpointError, spectral.ShiftFileError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a folder that cannot be written, a full disk
         print(f"error: {error}", file=sys.stderr)
         return 2
     except NonFiniteLoss as error:

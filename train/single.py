@@ -155,7 +155,7 @@ def diffusion_loss(model, latents, context, t, noise):
 def train(config: SingleConfig):
     """Train, save and merge; returns the model with the trained shifts merged in."""
     check_prompts(config)
-    core.check_output_dir(config, METHODS[config.method].result_name)
+    core.check_output_dir(config, METHODS[config.method].result_name)   # before the slow parts
     example = config.instance_dir is None
     model, fingerprint = core.load_model(config)
     config = resolve(config, model, fingerprint)

@@ -14,7 +14,8 @@ Each kind freezes the base model, then makes its own trainable part, behind one 
 - FullFinetune (baseline): every UNet weight is trained as it is (DreamBooth). No result file
   besides the checkpoint: it is there to compare fidelity and drift with.
 
-A LoRA baseline is a third kind with the same four members.
+A LoRA baseline would be a third kind: result_name, param_groups, merge, and save when it
+has a result_name.
 """
 
 from __future__ import annotations
