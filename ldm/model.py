@@ -112,6 +112,11 @@ class StableDiffusion:
         """Image pixels per latent pixel along each side (8 for SD)."""
         return 2 ** (len(self.vae.config.ch_mult) - 1)
 
+    @property
+    def size_multiple(self) -> int:
+        """What an image side must be a multiple of: the VAE's factor times the UNet's halvings."""
+        return self.latent_factor * 2 ** (len(self.unet.config.channel_mult) - 1)
+
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """(B, 77, D) text context on the model's device, in the UNet's dtype."""
         return self.text_encoder.encode(list(prompts)).to(self.device, self.dtype)
@@ -135,9 +140,8 @@ class StableDiffusion:
         batches drawing one after another from the same generator."""
         height, width = height or self.image_size, width or self.image_size
         f = self.latent_factor
-        multiple = f * 2 ** (len(self.unet.config.channel_mult) - 1)  # the UNet halves too
-        if height % multiple or width % multiple:
-            raise ValueError(f"image size must be a multiple of {multiple}, got {height}x{width}")
+        if height % self.size_multiple or width % self.size_multiple:
+            raise ValueError(f"image size must be a multiple of {self.size_multiple}, got {height}x{width}")
         if generator is None:
             generator = torch.Generator()
             if seed is None:

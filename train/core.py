@@ -38,10 +38,10 @@ from edit import cli
 from edit.grid import save_grid, to_pil
 from ldm import checkpoint
 from ldm.checkpoint import CheckpointError
-from train import config as run_config
 from ldm.files import describe_mismatch, load_pickle
 from ldm.rules import TOY_PRETRAIN
 from spectral.io import write_atomically
+from train import config as run_config
 from train.data import DataError, warn
 from train.log import TrainingLog, plot_losses
 
@@ -96,9 +96,9 @@ def load_model(config):
 
 
 def check_resolution(model, resolution: int) -> None:
-    multiple = model.latent_factor * 2 ** (len(model.unet.config.channel_mult) - 1)
-    if resolution % multiple:
-        raise DataError(f"--resolution {resolution}: must be a multiple of {multiple} for this model")
+    if resolution % model.size_multiple:
+        raise DataError(f"--resolution {resolution}: must be a multiple of {model.size_multiple} "
+                        "for this model")
 
 
 def vae_moments(model):
