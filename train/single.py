@@ -84,33 +84,40 @@ def words(text: str) -> list[str]:
     return re.findall(r"[\w']+", text.lower())
 
 
+def with_example(config: SingleConfig) -> SingleConfig:
+    """Without --instance-dir: the example subject, its renders (to be written into
+    OUTPUT_DIR/instance-images) and, where not given, its prompts."""
+    if config.instance_dir is not None:
+        return config
+    return dataclasses.replace(config, instance_dir=str(Path(config.output_dir) / "instance-images"),
+                               instance_prompt=config.instance_prompt or subjects.EXAMPLE.instance_prompt,
+                               class_prompt=config.class_prompt or subjects.EXAMPLE.class_prompt)
+
+
 def check_prompts(config: SingleConfig) -> None:
     """Your own images need their prompts, and the subject must be tied to its class: the prior
     loss keeps the class prompt's meaning, so the instance prompt must be the class prompt plus
     the identifier ("a sks star" / "a star"), or there is nothing to preserve."""
-    if config.instance_dir is not None and (
-            not config.instance_prompt or (not config.class_prompt and config.prior_loss_weight > 0)):
+    if not config.instance_prompt or (not config.class_prompt and config.prior_loss_weight > 0):
         raise DataError("--instance-dir needs --instance-prompt (e.g. 'a photo of sks dog') "
                         "and --class-prompt (e.g. 'a photo of dog')")
-    instance = config.instance_prompt or subjects.EXAMPLE.instance_prompt
-    category = config.class_prompt or subjects.EXAMPLE.class_prompt
+    if config.prior_loss_weight == 0:
+        return
+    instance, category = config.instance_prompt, config.class_prompt
     missing = [w for w in words(category) if w not in words(instance)]
-    if config.prior_loss_weight > 0 and missing:
+    if missing:
         raise DataError(f"--instance-prompt '{instance}' lacks the class word(s) "
                         f"{', '.join(missing)} of --class-prompt '{category}'; "
                         f"name the class, as in 'a sks {words(category)[-1]}'")
 
 
 def resolve(config: SingleConfig, model, fingerprint: str) -> SingleConfig:
-    """Every None filled in from the model and the example subject: the complete settings of
-    this run, recorded in its checkpoint and shift file, never changed afterwards."""
+    """The defaults that depend on the model filled in, and the class folder named: the
+    complete settings of this run, recorded in its checkpoint and shift file, never changed
+    afterwards."""
     filled = {k: v for k, v in core.model_defaults(config, model).items() if getattr(config, k) is None}
     filled["resolution"] = config.resolution or model.image_size
     core.check_resolution(model, filled["resolution"])
-    if config.instance_dir is None:
-        filled.update(instance_dir=str(Path(config.output_dir) / "instance-images"),
-                      instance_prompt=config.instance_prompt or subjects.EXAMPLE.instance_prompt,
-                      class_prompt=config.class_prompt or subjects.EXAMPLE.class_prompt)
     config = dataclasses.replace(config, **filled)
     if config.prior_loss_weight > 0 and config.class_dir is None:
         settings = class_image_settings(config, fingerprint)
@@ -154,9 +161,10 @@ def diffusion_loss(model, latents, context, t, noise):
 
 def train(config: SingleConfig):
     """Train, save and merge; returns the model with the trained shifts merged in."""
+    example = config.instance_dir is None
+    config = with_example(config)
     check_prompts(config)
     core.check_output_dir(config, METHODS[config.method].result_name)   # before the slow parts
-    example = config.instance_dir is None
     model, fingerprint = core.load_model(config)
     config = resolve(config, model, fingerprint)
     instance, prior = read_data(model, config, fingerprint, example)
