@@ -114,6 +114,7 @@ SAMPLE_PROMPTS = [
     "a purple square on the left", "an orange star on the right",
     "a red star on the left and a blue circle on the right",
     "a yellow square on the left and a green heart on the right",
+    "a green triangle beside a purple circle",
 ]
 
 

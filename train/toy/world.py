@@ -9,8 +9,13 @@ Object = shape in {circle, square, triangle, star, heart}, filled with a named c
          subject, with its pattern (stripes, checkerboard, dots) in two colors.
 Caption grammar (pretraining):
     one object : "a [COLOR] SHAPE [on the left | on the right | in the center]"
-    two objects: "a [COLOR] SHAPE on the left and a [COLOR] SHAPE on the right" (either order)
+    two objects: "a [COLOR] SHAPE on the left and a [COLOR] SHAPE on the right" (either order),
+                 or, 30% of the time, unplaced: "a [COLOR] SHAPE (and | beside | next to)
+                 a [COLOR] SHAPE" (either order)
 Subject prompts replace the color by the subject's reserved token: "a sks star on the left".
+Subjects are trained with placed phrasings only (train.single, train.multi), so an unplaced
+pair ("a sks star beside a zwx star") is a phrasing the base model knows and the subjects'
+training never used: the held-out prompt of train.multi's measurement.
 
 Rendering: polygons drawn at 4x (128x128) with PIL and box-downsampled to 32x32, which
 anti-aliases the edges. Scene i of a dataset depends only on (seed, i), so any part of a
@@ -47,6 +52,8 @@ BACKGROUNDS = {
 POSITIONS = ("left", "center", "right")
 POSITION_X = {"left": 9.0, "center": 16.0, "right": 23.0}  # slot centers in pixels
 POSITION_PHRASE = {"left": "on the left", "center": "in the center", "right": "on the right"}
+PAIR_WORDS = ("and", "beside", "next to")   # what joins an unplaced pair: "a red star beside a ..."
+P_UNPLACED_PAIR = 0.3     # share of two-object captions that name no side
 # rare tokens never used in pretraining; subjects are referred to by them ("a sks star")
 RESERVED_TOKENS = ("sks", "zwx", "qvr", "xjy", "vkq")
 # words that prompts of the other commands use, kept as single tokens (not pretrained)
@@ -197,8 +204,12 @@ def _caption(rng, objects, p_no_color):
         text = obj.phrase(with_color=rng.random() >= p_no_color)
         # an unplaced object: the caption says nothing about where it is
         return text if rng.random() < 0.4 else f"{text} {POSITION_PHRASE[obj.position]}"
-    parts = [f"{o.phrase(with_color=rng.random() >= p_no_color / 2)} {POSITION_PHRASE[o.position]}"
-             for o in objects]
+    phrases = [o.phrase(with_color=rng.random() >= p_no_color / 2) for o in objects]
+    if rng.random() < P_UNPLACED_PAIR:
+        if rng.random() < 0.5:
+            phrases.reverse()
+        return f" {_pick(rng, PAIR_WORDS)} ".join(phrases)
+    parts = [f"{text} {POSITION_PHRASE[o.position]}" for text, o in zip(phrases, objects)]
     if rng.random() < 0.5:
         parts.reverse()
     return " and ".join(parts)
