@@ -12,10 +12,12 @@ of their own, it takes the example from here and treats it like a user's subject
 import os
 from dataclasses import dataclass
 
+import numpy as np
+
 from PIL import Image
 
 from train.toy import reader
-from train.toy.world import subject_images
+from train.toy.world import PAIR_WORDS, POSITIONS, subject_images
 
 
 @dataclass(frozen=True)
@@ -34,11 +36,11 @@ INSTANCE_IMAGES = 5
 PLACES = ("", " on the left", " in the center", " on the right")
 
 
-def write_instance_images(subject, directory):
-    """Write the subject's INSTANCE_IMAGES renders (32x32 RGB) as `{subject}-{i}.png` into
-    `directory`, made if missing; returns `directory`."""
+def write_instance_images(subject, directory, positions=POSITIONS):
+    """Write the subject's INSTANCE_IMAGES renders (32x32 RGB), the subject at `positions` in
+    turn, as `{subject}-{i}.png` into `directory`, made if missing; returns `directory`."""
     os.makedirs(directory, exist_ok=True)
-    for i, pixels in enumerate(subject_images(subject, n=INSTANCE_IMAGES, seed=0)[0]):
+    for i, pixels in enumerate(subject_images(subject, INSTANCE_IMAGES, 0, positions)[0]):
         Image.fromarray(pixels).save(os.path.join(directory, f"{subject}-{i}.png"))
     return directory
 
@@ -57,3 +59,59 @@ def measure(model, subject, instance_prompt, class_prompt, samples, sample_steps
                                 progress=False, batch_size=50)
         shares.append(share(reader.read(images, image_reader), subject))
     return tuple(shares)
+
+
+# ------------------------------------------------------------------- several subjects (train.multi)
+
+def pair_prompts(instance_prompts, samples):
+    """`samples` prompts asking for two subjects together in phrasings that subjects' training
+    never uses ("a sks star beside a zwx star", "... next to ...", "... and ..."), cycling
+    through every pair in both orders."""
+    pairs = [(a, b) for a in instance_prompts for b in instance_prompts if a != b]
+    return [f"{pairs[i % len(pairs)][0]} {PAIR_WORDS[(i // len(pairs)) % len(PAIR_WORDS)]} "
+            f"{pairs[i % len(pairs)][1]}" for i in range(samples)]
+
+
+def mixed(objects, asked):
+    """Does a reading of a pair prompt show mixing: an object in a hybrid pattern ("other"),
+    the pattern of a subject not asked for, or one asked-for subject twice?"""
+    patterns = [o["pattern"] for o in objects if o["pattern"] != "plain"]
+    return any(p == "other" or p not in asked or patterns.count(p) > 1 for p in patterns)
+
+
+def measure_subjects(model, subjects, samples, sample_steps, guidance, seed):
+    """train.multi's measurement, for `subjects` = [(world subject name, instance prompt,
+    class prompt)]; each share in [0, 1] over `samples` images per cell (pairs together,
+    each subject alone, each class prompt):
+        together : pair prompts whose image shows both asked-for subjects, each its own
+                   pattern and shape, nothing else (reader.match "objects")
+        mixing   : pair prompts whose image shows mixing (see `mixed`)
+        alone    : "a sks star" (+ PLACES) images showing their subject, mean over subjects
+        drift    : class prompt (+ PLACES) images showing any subject or a hybrid pattern"""
+    image_reader = reader.load_reader()
+    names = {prompt: name for name, prompt, _ in subjects}
+
+    def read(prompts):
+        images = model.generate(prompts, steps=sample_steps, guidance=guidance, seed=seed,
+                                progress=False, batch_size=50)
+        return reader.read(images, image_reader)
+
+    prompts = pair_prompts([prompt for _, prompt, _ in subjects], samples)
+    readings = read(prompts)
+    together = np.mean([reader.match(reader.parse(p), r)["objects"] for p, r in zip(prompts, readings)])
+    asked = [[names[s] for s in names if s in p] for p in prompts]
+    mixing = np.mean([mixed(r, a) for r, a in zip(readings, asked)])
+    alone = np.mean([reader.subject_fidelity(read([prompt + PLACES[i % len(PLACES)] for i in range(samples)]), name)
+                     for name, prompt, _ in subjects])
+    drift = []
+    for class_prompt in dict.fromkeys(c for _, _, c in subjects):
+        for r in read([class_prompt + PLACES[i % len(PLACES)] for i in range(samples)]):
+            drift.append(any(o["pattern"] != "plain" for o in r))
+    return {"together": float(together), "mixing": float(mixing), "alone": float(alone),
+            "drift": float(np.mean(drift))}
+
+
+def format_subjects(table, samples):
+    return (f"both subjects right {table['together']:.0%}, mixing {table['mixing']:.0%} "
+            f"(pair prompts in phrasings not trained on), each alone right {table['alone']:.0%}, "
+            f"prior drift {table['drift']:.0%}; {samples} samples per cell")

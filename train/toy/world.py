@@ -76,7 +76,9 @@ SUBJECTS = {s.name: s for s in (
     Subject("checker_circle", "qvr", "circle", "checker", ("red", "white")),
     Subject("dotted_heart", "xjy", "heart", "dots", ("green", "white")),
 )}
-PATTERNS = ("plain",) + tuple(SUBJECTS)   # what the evaluator reads per object
+# what the reader reads per object: plain, a subject, or "other", a two-color pattern that is
+# no subject's (a subject's pattern in another subject's colors: what mixing two subjects makes)
+PATTERNS = ("plain",) + tuple(SUBJECTS) + ("other",)
 
 
 def rgb(name):
@@ -92,11 +94,11 @@ class Object:
     size: float                 # bounding diameter, pixels
     color: str | None = None    # named fill; None for a subject
     subject: str | None = None  # key of SUBJECTS
-    texture: Subject | None = None  # an anonymous pattern (only in the VAE's training data)
+    texture: Subject | None = None  # an anonymous pattern (the VAE's and the reader's data)
 
     @property
     def pattern(self):
-        return self.subject or "plain"
+        return self.subject or ("other" if self.texture else "plain")
 
     def phrase(self, with_color=True):
         """'a red star', 'a star', 'a sks star'."""
@@ -258,9 +260,35 @@ def texture_scene(rng):
     return Scene(tuple(objects), scene.background, scene.caption)
 
 
-def texture_dataset(n, seed):
-    """The VAE's training images: uint8 (n, 32, 32, 3)."""
-    return np.stack([render(texture_scene(scene_rng(seed, i))) for i in range(n)])
+def foreign_texture(rng, shape):
+    """A two-color pattern that is no subject's, for the reader to call "other": half of the
+    time a subject's pattern in another subject's colors (the sks stripes in zwx's blue and
+    yellow: what a model mixing the two draws), else any pattern in any two colors."""
+    subjects = list(SUBJECTS.values())
+    while True:
+        if rng.random() < 0.5:
+            a, b = rng.choice(len(subjects), 2, replace=False)
+            pattern, colors = subjects[a].pattern, subjects[b].colors
+        else:
+            pattern = _pick(rng, ("stripes", "checker", "dots"))
+            colors = tuple(rng.choice(list(COLORS) + ["white"], size=2, replace=False).tolist())
+        if not any(s.pattern == pattern and set(s.colors) == set(colors) for s in subjects):
+            return Subject("other", "", shape, pattern, colors)
+
+
+def texture_dataset(n, seed, p_cut_mix=0.25):
+    """The VAE's training images: uint8 (n, 32, 32, 3). A share p_cut_mix of them are two
+    scenes' central halves side by side (as train.multi's Cut-Mix makes them): the VAE, like
+    SD's, must encode any image, and one trained on plain backgrounds only tints the halves of
+    an image whose two halves have different backgrounds."""
+    images = np.stack([render(texture_scene(scene_rng(seed, i))) for i in range(n)])
+    rng = np.random.default_rng([seed, n])
+    quarter = SIZE // 4
+    for i in np.flatnonzero(rng.random(n) < p_cut_mix):
+        other = images[rng.integers(n)]
+        images[i] = np.concatenate([images[i][:, quarter:SIZE - quarter],
+                                    other[:, quarter:SIZE - quarter]], axis=1)
+    return images
 
 
 def subject_scene(name, rng, position=None, other=None):
@@ -284,10 +312,11 @@ def subject_scene(name, rng, position=None, other=None):
     return Scene(objects, _pick(rng, BACKGROUNDS), caption)
 
 
-def subject_images(name, n=5, seed=0):
-    """The subject's 'photos': n varied renders and their captions, like DreamBooth's 3-5."""
+def subject_images(name, n=5, seed=0, positions=POSITIONS):
+    """The subject's 'photos': n varied renders and their captions, like DreamBooth's 3-5; the
+    subject stands at `positions` in turn."""
     rng = np.random.default_rng([seed, 7919, list(SUBJECTS).index(name)])
-    scenes = [subject_scene(name, rng, position=POSITIONS[i % 3]) for i in range(n)]
+    scenes = [subject_scene(name, rng, position=positions[i % len(positions)]) for i in range(n)]
     return np.stack([render(s) for s in scenes]), [s.caption for s in scenes]
 
 
