@@ -9,6 +9,7 @@ files with {placeholders} (see `workspace`). Commands run in this process, throu
 
 import hashlib
 import importlib
+import json
 import os
 import pickle
 import shlex
@@ -83,6 +84,13 @@ def workspace(tmp_path_factory):
         else:
             (folder / "checkpoint.pt").write_bytes(content)
         paths[f"run_{name}"] = str(folder)
+    # train.multi's concepts lists that are JSON but not a list of subjects
+    paths["concepts_object"] = str(root / "concepts-object.json")
+    (root / "concepts-object.json").write_text('{"instance_data_dir": "x"}')
+    paths["concepts_no_prompt"] = str(root / "concepts-no-prompt.json")
+    (root / "concepts-no-prompt.json").write_text(json.dumps([
+        {"instance_data_dir": paths["images"], "instance_prompt": "a sks star", "class_prompt": "a star"},
+        {"instance_data_dir": paths["images"], "class_prompt": "a star"}]))
     # ldm.info's cases: an empty file, a truncated .safetensors, a LoRA file
     from safetensors.torch import save_file
     paths.update({name: str(root / f) for name, f in (("empty_file", "empty.ckpt"),
@@ -160,6 +168,42 @@ TRAIN_SINGLE = [
     train("--model {file}", 2, "not a checkpoint"),
     train("--model {root}/missing.safetensors", 2, "no such file"),
     train("--prior-loss-weight 1 --class-prompt 'a dog'", 2, "lacks the class word(s) dog"),
+]
+MULTI = "--model {model} --batch-size 1 --sample-steps 1 --eval-samples 0 --prior-loss-weight 0 " \
+        "--svd-cache {svd} --threads 1 --output-dir {root}/multi"
+SKS = "--subject {images} 'a sks star' 'a star'"
+TRAIN_MULTI = [         # train.multi: (flags after quick settings, message)
+    *(case("train.multi", f"{MULTI} {extra}", 2, message, label=f"train.multi {extra}")
+      for extra, message in [
+          (SKS, "1 subject given; train.multi needs two or more"),
+          (f"{SKS} --subject {{images}} 'a sks star' 'a star'", "uses the token 'sks' of subject 1"),
+          (f"{SKS} --subject {{images}} 'a star' 'a star'", "has no token of its own beside its class "
+                                                           "prompt 'a star'"),
+          (f"{SKS} --subject {{images}} 'a zwx dog' 'a star'", "lacks the class word(s) star"),
+          (f"{SKS} --subject {{images}} '' 'a star'", "must not be empty"),
+          (f"{SKS} --subject {{images}} 'a zwx star'", "expected 3 arguments"),
+          (f"{SKS} --subject {{empty}} 'a zwx star' 'a star'", "the directory is empty"),
+          (f"{SKS} --subject {{root}}/missing 'a zwx star' 'a star'", "no such directory"),
+          (f"{SKS} --subject {{images}} 'a zwx star' 'a star' --cut-mix-prob 1",
+           "--cut-mix-prob 1: with every example cut-mixed the model never sees a subject alone"),
+          (f"{SKS} --subject {{images}} 'a zwx star' 'a star' --cut-mix-prob 1.5",
+           "--cut-mix-prob must be at most 1"),
+          (f"{SKS} --subject {{images}} 'a zwx star' 'a star' --cut-mix-prob -0.1",
+           "--cut-mix-prob must not be negative"),
+          (f"{SKS} --subject {{images}} 'a zwx star' 'a star' --cut-mix-prob nan",
+           "--cut-mix-prob must be a finite number"),
+          (f"{SKS} --subject {{images}} 'a zwx star' 'a star' --unmix-weight -1",
+           "--unmix-weight must not be negative"),
+          (f"{SKS} --subject {{images}} 'a zwx star' 'a star' --cache-latents",
+           "--cache-latents needs --cut-mix-prob 0"),
+          (f"{SKS} --concepts-list {{file}}", "give the subjects with --subject or with --concepts-list"),
+          ("--concepts-list {root}/missing.json", "--concepts-list {root}/missing.json: no such file"),
+          ("--concepts-list {file}", "not a readable JSON file"),
+          ("--concepts-list {model}", "not a readable JSON file"),
+          ("--concepts-list {empty}", "not a readable JSON file"),
+          ("--concepts-list {concepts_object}", "expected a JSON list of objects, one per subject"),
+          ("--concepts-list {concepts_no_prompt}", "subject 2 lacks instance_prompt (text)"),
+      ]),
 ]
 EDIT_SAMPLE = [         # edit.sample: (flags after quick settings, message); the last --output counts
     *(case("edit.sample", "--model {model} --prompt 'a red star' --sample-steps 1 --num-images 1 "
@@ -287,7 +331,7 @@ TOY_COMMANDS = [        # train.toy.pretrain, train.toy.reader, train.toy.world,
     case("train.toy.tokenizer", "--output-dir {file}", 2, "--output-dir {file}: is a file"),
     case("train.toy.tokenizer", "--output-dir {file}/sub", 2, "{file} is a file, not a directory"),
 ]
-CASES = TRAIN_SINGLE + EDIT_SAMPLE + LDM_INFO + SPECTRAL_COUNT + TOY_COMMANDS
+CASES = TRAIN_SINGLE + TRAIN_MULTI + EDIT_SAMPLE + LDM_INFO + SPECTRAL_COUNT + TOY_COMMANDS
 
 
 # --------------------------------------------------------------------------- running a case

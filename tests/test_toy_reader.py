@@ -51,6 +51,35 @@ def test_fidelity_and_drift_on_renders():
     assert prior_drift(read(other), subject.name) <= 0.05          # the other star is not it
 
 
+def test_hybrid_patterns_read_as_other():
+    """A subject's pattern in another subject's colors (what mixing two subjects draws), on
+    renders of a seed the reader was not trained on, reads "other", not as either subject."""
+    rng = np.random.default_rng(5)
+    stars = []
+    for pattern, colors in (("stripes", ("blue", "yellow")), ("checker", ("orange", "purple"))):
+        for _ in range(30):
+            scene = world.sample_scene(rng, p_two=0.0)
+            o = scene.objects[0]
+            texture = world.Subject("other", "", "star", pattern, colors)
+            hybrid = world.Object("star", o.position, o.x, o.y, o.size, texture=texture)
+            stars.append(world.render(world.Scene((hybrid,), scene.background, "")))
+    patterns = [r[0]["pattern"] if len(r) == 1 else None for r in read(np.stack(stars))]
+    assert patterns.count("other") / len(patterns) >= 0.9, patterns
+
+
+def test_unplaced_pairs_parse_and_match_in_either_order():
+    for word in world.PAIR_WORDS:
+        wanted = parse(f"a sks star {word} a red heart")
+        assert wanted == [dict(position=None, shape="star", color=None, pattern="striped_star"),
+                          dict(position=None, shape="heart", color="red", pattern="plain")]
+    prompts = ["a sks star beside a red heart"] * 3
+    readings = [[obj("left", "heart", "red"), obj("right", "star", None, "striped_star")],
+                [obj("left", "star", None, "striped_star"), obj("right", "heart", "red")],
+                [obj("left", "star", None, "checker_star"), obj("right", "heart", "red")]]
+    acc = accuracy(prompts, readings)
+    assert acc["objects"] == acc["all"] == 2 / 3 and "left shape" not in acc
+
+
 def test_prompt_sets():
     sets = prompt_sets(100)
     assert all(len(p) == 100 for p in sets.values())

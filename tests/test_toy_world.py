@@ -1,6 +1,8 @@
 """The toy world: deterministic for a seed, objects drawn where and in the color a scene says
 (measured on the pixels, with no model involved), captions say what is drawn (read back by the
 image reader, an independent model trained on other renders), subjects as specified."""
+import re
+
 import numpy as np
 import pytest
 
@@ -86,17 +88,24 @@ def test_two_objects_each_half_holds_its_own():
 
 
 def test_captions_follow_the_grammar():
-    _, scenes = world.dataset(300, seed=5)
+    _, scenes = world.dataset(600, seed=5)
     words = set(world.vocabulary())
     for s in scenes:
         assert set(s.caption.split()) <= words
-        assert len(s.caption.split(" and ")) == len(s.objects)
+        assert len(re.split(" and | beside | next to ", s.caption)) == len(s.objects)
         assert all(o.subject is None for o in s.objects)        # pretraining never shows a subject
         for o in s.objects:
             assert o.shape in s.caption
+        for o in s.objects:   # a caption that names a side names the right one
+            named = [side for side in ("left", "right", "center") if side in s.caption]
+            assert not named or o.position in named
     assert {len(s.objects) for s in scenes} == {1, 2}
-    assert any("on the left and" in s.caption for s in scenes)
-    assert any("on the right and" in s.caption for s in scenes)
+    pairs = [s.caption for s in scenes if len(s.objects) == 2]
+    assert any("on the left and" in c for c in pairs) and any("on the right and" in c for c in pairs)
+    unplaced = [c for c in pairs if "left" not in c]
+    assert abs(len(unplaced) / len(pairs) - world.P_UNPLACED_PAIR) < 0.06    # sides mostly named
+    for word in world.PAIR_WORDS:
+        assert any(f" {word} a" in c for c in unplaced), word
 
 
 def test_subjects():

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import typing
 from dataclasses import dataclass, field
 
@@ -75,6 +76,8 @@ def build_parser(config_class, prog: str, description: str) -> argparse.Argument
             kwargs.update(type=integers, default=",".join(map(str, f.default)), metavar="N,N,...")
         elif any(typing.get_origin(t) is tuple for t in (kind, *typing.get_args(kind))):
             kwargs.update(action="append", metavar=meta["metavar"] or "TEXT")
+            if isinstance(meta["metavar"], tuple):  # several values per use: --subject DIR P C
+                kwargs["nargs"] = len(meta["metavar"])
         else:
             value_type = next(t for t in (*typing.get_args(kind), kind) if t is not type(None))
             kwargs["type"] = value_type
@@ -108,9 +111,14 @@ def check(parser: argparse.ArgumentParser, config) -> None:
 
 def to_config(parser: argparse.ArgumentParser, config_class, values: dict):
     """The config holding parsed `values` (repeated flags' lists as tuples), range-checked."""
-    config = config_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    config = config_class(**{k: as_tuples(v) for k, v in values.items()})
     check(parser, config)
     return config
+
+
+def as_tuples(value):
+    """Lists, nested ones too, as tuples (a frozen config's values stay unchangeable)."""
+    return tuple(as_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 def parse(parser: argparse.ArgumentParser, config_class, argv):
@@ -127,8 +135,9 @@ def changed_on_resume(config, saved: dict) -> list[str]:
 
 
 def as_dict(config) -> dict:
-    """The config as JSON-ready values (tuples as lists, as JSON reads them back)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+    """The config as JSON-ready values (tuples, nested ones too, as lists: as JSON reads them
+    back)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
 @dataclass(frozen=True)

@@ -173,28 +173,39 @@ class ImageSet:
             self.cache.append((LatentMoments(mean[0].cpu(), std[0].cpu()),
                                LatentMoments(mean[1].cpu(), std[1].cpu())))
 
-    @torch.no_grad()
-    def latents(self, batch_size: int, generator: torch.Generator,
-                encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-                scale_factor: float) -> torch.Tensor:
-        """A random batch (B, 4, h, w) of scaled latents, drawn only from `generator`.
+    def crops(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        """A random batch of pixels (B, 3, R, R), drawn only from `generator`.
 
         Images are drawn without replacement while the batch is smaller than the set, so a
         batch of 4 from 5 photos shows 4 different photos.
         """
+        return torch.stack([self.crop(i, generator if self.augment else None)
+                            for i in self._pick(batch_size, generator)])
+
+    def _pick(self, batch_size: int, generator: torch.Generator) -> list[int]:
         order = torch.randperm(len(self), generator=generator)
-        indices = [int(order[i % len(self)]) for i in range(batch_size)]
+        return [int(order[i % len(self)]) for i in range(batch_size)]
+
+    @torch.no_grad()
+    def latents(self, batch_size: int, generator: torch.Generator,
+                encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                scale_factor: float) -> torch.Tensor:
+        """A random batch (B, 4, h, w) of scaled latents of `crops`, or from the cache."""
         if self.cache is not None:
+            indices = self._pick(batch_size, generator)
             flips = torch.rand(batch_size, generator=generator) < 0.5
             moments = [self.cache[i][int(f)] for i, f in zip(indices, flips)]
             mean = torch.stack([m.mean for m in moments])
             std = torch.stack([m.std for m in moments])
         else:
-            crops = [self.crop(i, generator if self.augment else None) for i in indices]
-            mean, std = encode(torch.stack(crops))
-            mean, std = mean.cpu(), std.cpu()
-        noise = torch.randn(mean.shape, generator=generator)
-        return scale_factor * (mean + std * noise)
+            mean, std = encode(self.crops(batch_size, generator))
+        return posterior_sample(mean.cpu(), std.cpu(), generator, scale_factor)
+
+
+def posterior_sample(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator,
+                     scale_factor: float) -> torch.Tensor:
+    """scale_factor * z, z ~ q(z | x) = N(mean, std^2), the noise drawn from `generator`."""
+    return scale_factor * (mean + std * torch.randn(mean.shape, generator=generator))
 
 
 # -------------------------------------------------------------------------------------------

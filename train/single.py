@@ -120,19 +120,36 @@ def resolve(config: SingleConfig, model, fingerprint: str) -> SingleConfig:
     core.check_resolution(model, filled["resolution"])
     config = dataclasses.replace(config, **filled)
     if config.prior_loss_weight > 0 and config.class_dir is None:
-        settings = class_image_settings(config, fingerprint)
-        slug = re.sub(r"[^a-z0-9]+", "-", config.class_prompt.lower()).strip("-")
-        digest = hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(), digest_size=4).hexdigest()
-        config = dataclasses.replace(config, class_dir=str(CLASS_IMAGES / f"{slug}-{digest}"))
+        config = dataclasses.replace(config, class_dir=default_class_dir(config.class_prompt, config,
+                                                                         fingerprint))
     return config
 
 
-def class_image_settings(config: SingleConfig, fingerprint: str) -> dict:
-    """What shapes the prior images: recorded beside them, and in the default folder's name."""
-    return {"prompt": config.class_prompt, "base_fingerprint": fingerprint,
+def class_image_settings(prompt: str, config: RunConfig, fingerprint: str) -> dict:
+    """What shapes the prior images of `prompt`: recorded beside them, and in the default
+    folder's name."""
+    return {"prompt": prompt, "base_fingerprint": fingerprint,
             "resolution": config.resolution, "sample_steps": config.sample_steps,
             "guidance": config.guidance, "mixed_precision": config.mixed_precision,
             "seed": config.seed}
+
+
+def default_class_dir(prompt: str, config: RunConfig, fingerprint: str, root: Path = CLASS_IMAGES) -> str:
+    """root/<prompt>-<hash of what shapes the images>: shared by the runs (of any trainer) that
+    would make the same images."""
+    settings = class_image_settings(prompt, config, fingerprint)
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
+    digest = hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(), digest_size=4).hexdigest()
+    return str(Path(root) / f"{slug}-{digest}")
+
+
+def class_images(model, prompt: str, directory: str, config: RunConfig, fingerprint: str) -> data.ImageSet:
+    """The base model's own images of `prompt`, config.num_class_images of them, generated
+    into `directory` when missing (data.ensure_class_images)."""
+    images = data.ensure_class_images(
+        directory, config.num_class_images, class_image_settings(prompt, config, fingerprint),
+        lambda prompts, seeds: core.generate(model, prompts, seeds[0], config), 8, config.seed)
+    return data.ImageSet(images, config.resolution)
 
 
 def read_data(model, config: SingleConfig, fingerprint: str, example: bool):
@@ -142,10 +159,7 @@ def read_data(model, config: SingleConfig, fingerprint: str, example: bool):
     instance = data.ImageSet(data.read_images(config.instance_dir), config.resolution)
     if config.prior_loss_weight == 0:
         return instance, None
-    images = data.ensure_class_images(
-        config.class_dir, config.num_class_images, class_image_settings(config, fingerprint),
-        lambda prompts, seeds: core.generate(model, prompts, seeds[0], config), 8, config.seed)
-    return instance, data.ImageSet(images, config.resolution)
+    return instance, class_images(model, config.class_prompt, config.class_dir, config, fingerprint)
 
 
 # ----------------------------------------------------------------------------- the method
