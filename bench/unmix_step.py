@@ -23,7 +23,6 @@ import time
 import torch
 
 from ldm.checkpoint import DEFAULT_MODEL, load
-from ldm.unet import BasicTransformerBlock
 from train import multi
 from train.single import diffusion_loss
 from train.trainable import SpectralShifts
@@ -45,13 +44,6 @@ def step(model, optimizer, latents, captions, t, noise, identifiers, layouts, ma
     loss.backward()
     optimizer.step()
     return time.process_time() - start
-
-
-def probes(model, on, maps):
-    """Attach (on) or remove the attention probes of `maps`."""
-    for block in model.unet.modules():
-        if isinstance(block, BasicTransformerBlock):
-            block.attn2.attention_probe = maps.record if on else None
 
 
 def main():
@@ -82,7 +74,10 @@ def main():
     times = {"without": [], "with": []}
     for repeat in range(args.repeats + 2):          # the first two warm up
         for name in times:
-            probes(model, name == "with", maps)
+            if name == "with":
+                maps.attach()
+            else:
+                maps.remove()
             seconds = step(model, optimizer, latents, captions, t, noise, identifiers, layouts,
                            maps if name == "with" else None)
             if repeat >= 2:

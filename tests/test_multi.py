@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import spectral
+from edit import sample
 from ldm import checkpoint
 from ldm.unet import BasicTransformerBlock
 from tiny import tiny_model
@@ -107,13 +108,15 @@ def test_each_subject_lands_on_the_side_its_caption_names(right_first):
         assert caption == expected
         assert [(o["position"], o["pattern"]) for o in seen] == \
                [("left", names[layout.left]), ("right", names[layout.right])]
-    plain = Renders([world.render(world.Scene((world._object(np.random.default_rng(i), "center", False,
-                                                             color="red", shape="star"),), "white", ""))
-                     for i in range(2)])
-    _, prior_captions = multi.compose(layouts, [plain, plain], ["a star", "a star"],
-                                      step_generator(0, 1), pixels_as_latents, 1.0)
+    plain = Renders([world.render(world.Scene((world.Object("star", "center", 16 + dx, 16, 12, color="red"),),
+                                              "white", "")) for dx in (-1, 1)])
+    prior, prior_captions = multi.compose(layouts, [plain, plain], ["a star", "a star"],
+                                          step_generator(0, 1), pixels_as_latents, 1.0)
     assert prior_captions[0] == ("a star on the right and a star on the left" if right_first
                                  else "a star on the left and a star on the right")
+    seen = reader.read(((prior[:2] + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
+    assert [[(o["position"], o["shape"], o["color"]) for o in r] for r in seen] == \
+           [[("left", "star", "red"), ("right", "star", "red")]] * 2
 
 
 def test_examples_are_cut_mixed_with_the_asked_probability():
@@ -166,6 +169,29 @@ def test_unmix_targets_point_at_each_identifier_and_the_side_it_must_avoid(ident
         assert word == subjects[subject].identifier[0], (b, positions)
 
 
+def test_unmix_loss_equals_a_float64_loop_over_layers_targets_and_positions():
+    """Two layers of different resolution over an odd-width latent (the middle column belongs
+    to neither half), targets in two examples, identifiers of one and two tokens."""
+    generator = torch.Generator().manual_seed(0)
+    size = (6, 10)                           # ds 1: 6 x 10 maps; ds 2: 3 x 5 (middle column 2)
+    maps = [torch.softmax(torch.randn(3, 60, 77, generator=generator, dtype=torch.float64), -1),
+            torch.softmax(torch.randn(3, 15, 77, generator=generator, dtype=torch.float64), -1)]
+    targets = [(1, [4], "right"), (1, [7, 8], "left"), (2, [4], "left"), (2, [7, 8], "right")]
+    expected = []
+    for attention in maps:
+        rows, cols = {60: (6, 10), 15: (3, 5)}[attention.shape[1]]
+        for b, tokens, avoid in targets:
+            values = []
+            for r in range(rows):
+                for c in range(cols):
+                    other = c >= cols - cols // 2 if avoid == "right" else c < cols // 2
+                    if other:
+                        values.append(sum(float(attention[b, r * cols + c, k]) for k in tokens) ** 2)
+            expected.append(sum(values) / len(values))
+    loss = multi.unmix_loss(maps, targets, size)
+    assert loss.item() == pytest.approx(sum(expected) / len(expected), rel=1e-12)
+
+
 def unmix_gradients(model, checkpointing):
     """The unmix loss of one forward pass and the gradient of every trained tensor."""
     model.unet.gradient_checkpointing = checkpointing
@@ -201,7 +227,6 @@ def test_unmix_gradient_reaches_the_shifts_before_the_maps_and_survives_checkpoi
     loss, grads, calls, layers = unmix_gradients(model, checkpointing=False)
     transformers = sum(isinstance(m, BasicTransformerBlock) for m in model.unet.modules())
     assert loss > 0 and layers == transformers and calls == [True] * transformers
-    assert all(p.requires_grad is False for p in model.unet.parameters() if not p.requires_grad)
     # the keys and queries of the cross-attention make the maps: their shifts get gradient
     assert any(g is not None and g.abs().max() > 0 for n, g in grads.items() if "attn2.to_k" in n)
     # the output convolution comes after every map: no gradient can reach it
@@ -237,7 +262,8 @@ def test_without_cut_mixing_one_subjects_examples_train_as_train_single(files, t
     monkeypatch.setattr(multi, "draw_examples", lambda count, *rest: [multi.Layout(0)] * count)
     steps = ("--steps", "3", "--seed", "5")
     multi_argv = argv(files, tmp_path / "multi", *steps, "--unmix-weight", "0")
-    del multi_argv[multi_argv.index("--class-images"):][:2]
+    at = multi_argv.index("--class-images")
+    del multi_argv[at:at + 2]
     assert multi.main(multi_argv) == 0
     assert single.main(["--model", files["base"], "--instance-dir", files["dog"],
                         "--instance-prompt", "a sks star", "--class-prompt", "a star",
@@ -255,7 +281,9 @@ def test_without_cut_mixing_one_subjects_examples_train_as_train_single(files, t
 
 def test_run_writes_its_files_and_logs_every_loss(files, tmp_path):
     out = tmp_path / "run"
-    assert multi.main(argv(files, out, "--steps", "4", "--cut-mix-prob", "0.9")) == 0
+    model = multi.train(multi.parse_args(argv(files, out, "--steps", "4", "--cut-mix-prob", "0.9")))
+    # the probes are gone: what the run returns samples with the fused attention kernel
+    assert all(m.attention_probe is None for m in model.unet.modules() if hasattr(m, "attention_probe"))
     rows = read_log(out / "log.csv")
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
     assert sum(int(r["cut_mixed"]) for r in rows) > 0
@@ -264,6 +292,13 @@ def test_run_writes_its_files_and_logs_every_loss(files, tmp_path):
     assert [s["instance_prompt"] for s in json.loads(metadata["subjects"])] == ["a sks star", "a zwx star"]
     assert metadata["training_args"]["cut_mix_prob"] == 0.9
     assert (out / "samples" / "step-00004.png").exists() and (out / "loss.png").exists()
+    # the result samples like any shift file, with a phrasing training never used
+    grid = tmp_path / "pair.png"
+    assert sample.main(["--model", files["base"], "--shift", str(out / "spectral_shifts.safetensors"),
+                        "--prompt", "a sks star sitting beside a zwx star", "--num-images", "1",
+                        "--sample-steps", "2", "--svd-cache", files["cache"], "--quiet",
+                        "--output", str(grid)]) == 0
+    assert np.asarray(Image.open(grid)).std() > 0
 
 
 def test_validation_prompts_show_pairs_in_new_phrasings_each_alone_and_the_classes():

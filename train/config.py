@@ -204,3 +204,14 @@ class RunConfig:
     # CPU reductions depend on the thread count: another one changes the last bits
     threads: int | None = option(None, "CPU threads; default: torch's, 1 for the bundled tiny "
                                  "model", minimum=1)
+
+
+@dataclass(frozen=True)
+class SubjectConfig(RunConfig):
+    """What the subject trainers (train.single, train.multi) add: prior preservation, and
+    whether the text encoder's shifts are trained too."""
+    num_class_images: int = option(32, "prior images per class prompt (DreamBooth: 100-200 on SD)",
+                                   minimum=1)
+    prior_loss_weight: float = option(1.0, "lambda; 0 disables prior preservation", minimum=0)
+    train_text_encoder: bool | None = option(None, "spectral shifts on the text encoder too; "
+                                             "default: off, on for the bundled tiny model")

@@ -4,8 +4,8 @@ Trained jointly, two subjects of one class mix: asked for both, the model draws 
 half-checkered stars. Cut-Mix-Unmix shows it correctly separated examples instead:
 
   Cut-Mix. With probability p (--cut-mix-prob), a training example is two different subjects
-    side by side: the central half (in width) of a latent of subject A's photo, then the
-    central half of one of subject B's, the seam in the middle; sides random. Its prompt names
+    side by side: the central half (in width) of a crop of subject A's photo, then the central
+    half of one of subject B's, the seam in the middle; sides random. Its prompt names
     both and their sides, in either order:
         "a sks star on the left and a zwx star on the right"
         "a zwx star on the right and a sks star on the left"
@@ -59,15 +59,15 @@ import torch
 from ldm.unet import BasicTransformerBlock
 from train import core, data
 from train import config as run_config
-from train.config import RunConfig, option
+from train.config import SubjectConfig, option
 from train.data import DataError
-from train.single import class_images, default_class_dir, diffusion_loss, words
+from train.single import default_class_dir, diffusion_loss, load_class_images, words
 from train.toy import subjects as toy
 from train.trainable import METHODS
 
 
 @dataclass(frozen=True)
-class MultiConfig(RunConfig):
+class MultiConfig(SubjectConfig):
     subject: tuple[tuple[str, ...], ...] | None = option(
         None, "a subject: its images, its instance prompt (a rare token and the class word: 'a "
         "sks dog') and its class prompt ('a dog'); repeat for each subject. Default: the bundled "
@@ -81,15 +81,14 @@ class MultiConfig(RunConfig):
                                "from) a folder here per class prompt and what else shapes them, "
                                "shared with train.single; a concepts list's class_data_dir "
                                "names its subject's folder itself", metavar="DIR")
-    num_class_images: int = option(32, "prior images per class prompt", minimum=1)
-    prior_loss_weight: float = option(1.0, "lambda; 0 disables prior preservation", minimum=0)
     cut_mix_prob: float = option(0.6, "share of examples cut-mixed from two subjects, 0 (plain "
                                  "joint training) to below 1", minimum=0, maximum=1)
     unmix_weight: float = option(1.0, "weight of the unmix loss on cut-mixed examples' "
                                  "cross-attention maps; 0 turns it off (and computes nothing)",
                                  minimum=0)
-    train_text_encoder: bool | None = option(None, "spectral shifts on the text encoder too; "
-                                             "default: off, on for the bundled tiny model")
+    # each subject is in 80% of the examples at p = 0.6 (two subjects), against train.single's 100%
+    steps: int = option(800, "optimizer steps (a resumed run may be given more)", minimum=1,
+                        same_on_resume=False)
     output_dir: str = option("runs/multi", "where everything is written", metavar="DIR",
                              same_on_resume=False)
 
@@ -101,7 +100,7 @@ DESCRIPTION = ("Fine-tune the spectral shifts of a Stable Diffusion model on two
 # middle, as photos of a subject are taken (the cut keeps the middle half)
 EXAMPLE = (toy.Example("striped_star", "a sks star", "a star"),
            toy.Example("checker_star", "a zwx star", "a star"))
-PAIR_WORDS = ("beside", "next to")   # sample grids: phrasings training never uses
+UNSEEN_PAIR_WORDS = ("beside", "next to")   # sample grids: phrasings training never uses
 
 
 @dataclass(frozen=True)
@@ -114,7 +113,7 @@ class Subject:
     @property
     def identifier(self) -> list[str]:
         """The instance prompt's words that the class prompt lacks: 'sks' of 'a sks dog'."""
-        return [w for w in words(self.instance_prompt) if w not in words(self.class_prompt)]
+        return list(dict.fromkeys(w for w in words(self.instance_prompt) if w not in words(self.class_prompt)))
 
 
 # ----------------------------------------------------------------------------- the subjects
@@ -128,7 +127,8 @@ def read_concepts(path: str) -> list[tuple[str, ...]]:
     except FileNotFoundError:
         raise DataError(f"{what}: no such file") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DataError(f"{what}: not a readable JSON file ({str(error).splitlines()[0]})") from None
+        reason = (str(error).splitlines() or [type(error).__name__])[0]
+        raise DataError(f"{what}: not a readable JSON file ({reason})") from None
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise DataError(f"{what}: expected a JSON list of objects, one per subject")
     subjects = []
@@ -156,16 +156,21 @@ def with_subjects(config: MultiConfig) -> tuple[MultiConfig, bool]:
         (str(folder / e.subject), e.instance_prompt, e.class_prompt) for e in EXAMPLE)), True
 
 
-def check_subjects(config: MultiConfig) -> None:
-    """Two or more subjects, each named by its own identifier next to its class: DataError
-    (one line) otherwise. Also refuses --cut-mix-prob 1."""
-    if config.cache_latents and config.cut_mix_prob > 0:
-        raise DataError("--cache-latents needs --cut-mix-prob 0: cut-mixed images are new every "
-                        "step, so they are encoded every step")
+def check_settings(config: MultiConfig) -> None:
+    """What the flags' ranges cannot say: DataError (one line)."""
     if config.cut_mix_prob == 1:
         raise DataError("--cut-mix-prob 1: with every example cut-mixed the model never sees a "
                         "subject alone, and (the paper found) cannot tell the subjects apart; give "
                         "a value below 1 (default 0.6)")
+    if config.cache_latents and config.cut_mix_prob > 0:
+        raise DataError("--cache-latents needs --cut-mix-prob 0: cut-mixed images are new every "
+                        "step, so they are encoded every step")
+
+
+def check_subjects(config: MultiConfig) -> None:
+    """Two or more subjects, each named by its own identifier next to its class, no identifier
+    a word of another subject's prompt (the unmix loss finds a subject's tokens by it):
+    DataError (one line) otherwise."""
     subjects = [Subject(*entry) for entry in config.subject]
     if len(subjects) < 2:
         raise DataError(f"{len(subjects)} subject given; train.multi needs two or more (one "
@@ -188,6 +193,13 @@ def check_subjects(config: MultiConfig) -> None:
                 raise DataError(f"{name} uses the token '{word}' of subject {seen[word]}: each "
                                 "subject needs its own token")
             seen[word] = i
+    for i, s in enumerate(subjects, 1):
+        for j, other in enumerate(subjects, 1):
+            shared = [w for w in s.identifier if j != i and w in words(other.instance_prompt)]
+            if shared:
+                raise DataError(f"subject {i}'s token '{shared[0]}' is also a word of subject {j}'s "
+                                f"prompt '{other.instance_prompt}': a caption naming both could not "
+                                "say which subject it means; give it a rare token of its own")
 
 
 def resolve(config: MultiConfig, model, fingerprint: str) -> MultiConfig:
@@ -197,11 +209,13 @@ def resolve(config: MultiConfig, model, fingerprint: str) -> MultiConfig:
     filled["resolution"] = config.resolution or model.image_size
     core.check_resolution(model, filled["resolution"])
     config = dataclasses.replace(config, **filled)
-    resolved = []
-    for s in map(lambda entry: Subject(*entry), config.subject):
-        folder = s.class_dir or default_class_dir(s.class_prompt, config, fingerprint, config.class_images)
-        resolved.append((s.images, s.instance_prompt, s.class_prompt, folder))
-    return dataclasses.replace(config, subject=tuple(resolved))
+    if config.prior_loss_weight == 0:
+        return config
+    subjects = [Subject(*entry) for entry in config.subject]
+    return dataclasses.replace(config, subject=tuple(
+        (s.images, s.instance_prompt, s.class_prompt,
+         s.class_dir or default_class_dir(s.class_prompt, config, fingerprint, config.class_images))
+        for s in subjects))
 
 
 def read_data(model, config: MultiConfig, subjects: list[Subject], fingerprint: str, example: bool):
@@ -209,15 +223,16 @@ def read_data(model, config: MultiConfig, subjects: list[Subject], fingerprint: 
     if example:
         for e, s in zip(EXAMPLE, subjects):
             toy.write_instance_images(e.subject, s.images, positions=("center",))
-    instance = [data.ImageSet(data.read_images(s.images, f"--subject {s.images}"), config.resolution)
-                for s in subjects]
+    what = "--concepts-list instance_data_dir" if config.concepts_list else "--subject"
+    instance = [data.ImageSet(data.read_images(s.images, what), config.resolution) for s in subjects]
     if config.prior_loss_weight == 0:
         return instance, None
-    by_folder = {}
+    prior = {}   # per (folder, prompt): a folder made for another prompt is refused, not reused
     for s in subjects:
-        if s.class_dir not in by_folder:
-            by_folder[s.class_dir] = class_images(model, s.class_prompt, s.class_dir, config, fingerprint)
-    return instance, [by_folder[s.class_dir] for s in subjects]
+        if (s.class_dir, s.class_prompt) not in prior:
+            prior[s.class_dir, s.class_prompt] = load_class_images(model, s.class_prompt, s.class_dir,
+                                                                   config, fingerprint)
+    return instance, [prior[s.class_dir, s.class_prompt] for s in subjects]
 
 
 # ----------------------------------------------------------------------------- Cut-Mix
@@ -246,17 +261,17 @@ class Layout:
     right_first: bool = False   # the caption names the right one first
 
 
-def draw_examples(count: int, subjects: int, cut_mix_prob: float, generator: torch.Generator) -> list[Layout]:
+def draw_examples(count: int, num_subjects: int, cut_mix_prob: float, generator: torch.Generator) -> list[Layout]:
     """`count` examples, each cut-mixed with probability cut_mix_prob from two different
     subjects on random sides, else one subject; subjects drawn uniformly."""
     examples = []
     for _ in range(count):
         mixed, pick, order = torch.rand(3, generator=generator).tolist()
-        pair = torch.randperm(subjects, generator=generator)[:2].tolist()
+        pair = torch.randperm(num_subjects, generator=generator)[:2].tolist()
         if mixed < cut_mix_prob:
             examples.append(Layout(pair[0], pair[1], order < 0.5))
         else:
-            examples.append(Layout(int(pick * subjects)))
+            examples.append(Layout(int(pick * num_subjects)))
     return examples
 
 
@@ -302,9 +317,18 @@ class CrossAttentionMaps:
     def __init__(self, unet):
         self.maps: list[torch.Tensor] = []
         self.recording = False
-        for block in unet.modules():
-            if isinstance(block, BasicTransformerBlock):
-                block.attn2.attention_probe = self.record
+        self.layers = [block.attn2 for block in unet.modules() if isinstance(block, BasicTransformerBlock)]
+        self.attach()
+
+    def attach(self) -> None:
+        """Probe every cross-attention layer (they then run as an explicit softmax)."""
+        for layer in self.layers:
+            layer.attention_probe = self.record
+
+    def remove(self) -> None:
+        """Back to the fused attention kernel everywhere."""
+        for layer in self.layers:
+            layer.attention_probe = None
 
     def record(self, module, probs: torch.Tensor) -> None:
         if self.recording:
@@ -337,6 +361,24 @@ def positions_in(ids: list[int], pieces: list[list[int]]) -> list[int]:
         start = next(i for i in range(len(ids) - len(word) + 1) if ids[i:i + len(word)] == word)
         positions += range(start, start + len(word))
     return positions
+
+
+def check_identifiers_fit(text_encoder, subjects: list[Subject], identifiers) -> None:
+    """Every cut-mix caption keeps both identifiers within the text encoder's length (CLIP reads
+    77 tokens): DataError (one line) otherwise."""
+    for a in range(len(subjects)):
+        for b in range(len(subjects)):
+            if a == b:
+                continue
+            for right_first in (False, True):
+                caption = mix_caption(subjects[a].instance_prompt, subjects[b].instance_prompt, right_first)
+                ids = text_encoder.tokenize([caption])[0].tolist()
+                try:
+                    positions_in(ids, identifiers[a] + identifiers[b])
+                except StopIteration:
+                    raise DataError(f"the cut-mix caption '{caption}' is longer than the text "
+                                    f"encoder's {text_encoder.max_length} tokens and loses a "
+                                    "subject's token; shorten the instance prompts") from None
 
 
 def unmix_targets(layouts: list[Layout], token_ids: torch.Tensor,
@@ -382,7 +424,7 @@ def unmix_loss(maps: list[torch.Tensor], targets, latent_size: tuple[int, int]) 
 def validation_prompts(subjects: list[Subject]) -> list[str]:
     """Sample grid rows: each neighbouring pair together (a phrasing training never used), each
     subject alone, each class prompt (to see drift)."""
-    pairs = [f"{a.instance_prompt} {PAIR_WORDS[i % 2]} {b.instance_prompt}"
+    pairs = [f"{a.instance_prompt} {UNSEEN_PAIR_WORDS[i % len(UNSEEN_PAIR_WORDS)]} {b.instance_prompt}"
              for i, (a, b) in enumerate(zip(subjects, subjects[1:]))]
     alone = [s.instance_prompt for s in subjects]
     return pairs + alone + list(dict.fromkeys(s.class_prompt for s in subjects))
@@ -390,12 +432,16 @@ def validation_prompts(subjects: list[Subject]) -> list[str]:
 
 def train(config: MultiConfig):
     """Train, save and merge; returns the model with the trained shifts merged in."""
+    check_settings(config)
     config, example = with_subjects(config)
     check_subjects(config)
     core.check_output_dir(config, METHODS[config.method].result_name)
     model, fingerprint = core.load_model(config)
     config = resolve(config, model, fingerprint)
     subjects = [Subject(*entry) for entry in config.subject]
+    identifiers = [identifier_pieces(model.text_encoder, s) for s in subjects]
+    if config.unmix_weight > 0:
+        check_identifiers_fit(model.text_encoder, subjects, identifiers)
     instance, prior = read_data(model, config, subjects, fingerprint, example)
     encode = core.vae_moments(model)
     if config.cache_latents:
@@ -403,7 +449,6 @@ def train(config: MultiConfig):
             images.build_cache(encode)
     trainable = METHODS[config.method](model, config.train_text_encoder, config.svd_cache)
     maps = CrossAttentionMaps(model.unet) if config.unmix_weight > 0 else None
-    identifiers = [identifier_pieces(model.text_encoder, s) for s in subjects]
     B, device, scale = config.batch_size, model.device, model.vae.config.scale_factor
     latent_size = (config.resolution // model.latent_factor,) * 2
     metadata = {"subjects": json.dumps([dataclasses.asdict(s) for s in subjects])}
@@ -423,7 +468,7 @@ def train(config: MultiConfig):
             t = torch.randint(0, model.schedule.num_train_timesteps, (len(latents),), generator=generator)
             noise = torch.randn(latents.shape, generator=generator)
             token_ids = model.text_encoder.tokenize(captions)
-            targets = unmix_targets(examples, token_ids, identifiers) if maps else []
+            targets = unmix_targets(examples, token_ids, identifiers) if maps is not None else []
             recording = maps.forward_pass() if targets else contextlib.nullcontext()
             with core.autocast(config, device), recording:
                 context = model.text_encoder(token_ids.to(device))
@@ -435,6 +480,8 @@ def train(config: MultiConfig):
             run.step(step, loss, instance_loss=instance_loss, prior_loss=prior_loss, unmix_loss=unmix,
                      cut_mixed=torch.tensor(sum(e.right is not None for e in examples)))
         run.finish()
+    if maps is not None:
+        maps.remove()
 
     if config.eval_samples and example and core.is_toy_model(model):
         table = toy.measure_subjects(model, [(e.subject, e.instance_prompt, e.class_prompt) for e in EXAMPLE],

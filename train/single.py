@@ -44,14 +44,14 @@ import torch
 
 from train import core, data
 from train import config as run_config
-from train.config import RunConfig, option
+from train.config import RunConfig, SubjectConfig, option
 from train.data import DataError
 from train.toy import subjects
 from train.trainable import METHODS
 
 
 @dataclass(frozen=True)
-class SingleConfig(RunConfig):
+class SingleConfig(SubjectConfig):
     instance_dir: str | None = option(None, "the subject's images (3-5 are enough); default: "
                                       "renders of the example subject, written to "
                                       "OUTPUT_DIR/instance-images", metavar="DIR")
@@ -66,10 +66,6 @@ class SingleConfig(RunConfig):
                                    "reused after; default: runs/class-images/<class prompt>-<hash of "
                                    "what shapes them> under the working directory, shared by "
                                    "runs", metavar="DIR")
-    num_class_images: int = option(32, "prior images to use (DreamBooth: 100-200 on SD)", minimum=1)
-    prior_loss_weight: float = option(1.0, "lambda; 0 disables prior preservation", minimum=0)
-    train_text_encoder: bool | None = option(None, "spectral shifts on the text encoder too; "
-                                             "default: off, on for the bundled tiny model")
 
 
 CLASS_IMAGES = Path("runs/class-images")   # relative: beside runs/single, shared between runs
@@ -143,7 +139,7 @@ def default_class_dir(prompt: str, config: RunConfig, fingerprint: str, root: Pa
     return str(Path(root) / f"{slug}-{digest}")
 
 
-def class_images(model, prompt: str, directory: str, config: RunConfig, fingerprint: str) -> data.ImageSet:
+def load_class_images(model, prompt: str, directory: str, config: RunConfig, fingerprint: str) -> data.ImageSet:
     """The base model's own images of `prompt`, config.num_class_images of them, generated
     into `directory` when missing (data.ensure_class_images)."""
     images = data.ensure_class_images(
@@ -159,7 +155,7 @@ def read_data(model, config: SingleConfig, fingerprint: str, example: bool):
     instance = data.ImageSet(data.read_images(config.instance_dir), config.resolution)
     if config.prior_loss_weight == 0:
         return instance, None
-    return instance, class_images(model, config.class_prompt, config.class_dir, config, fingerprint)
+    return instance, load_class_images(model, config.class_prompt, config.class_dir, config, fingerprint)
 
 
 # ----------------------------------------------------------------------------- the method

@@ -212,16 +212,16 @@ def match(wanted, seen):
         w = wanted[0]
         same_slot = [o for o in seen if o["position"] == w["position"]]
         obj = seen[0] if len(seen) == 1 else (same_slot[0] if same_slot else None)
-        checks = [("", obj)]
+        checks = [(w, "", obj)]
         if w["position"]:
             result["position"] = obj is not None and obj["position"] == w["position"]
     else:
         by_slot = {o["position"]: o for o in seen}
-        checks = [(f"{w['position']} ", by_slot.get(w["position"])) for w in wanted
+        checks = [(w, f"{w['position']} ", by_slot.get(w["position"])) for w in wanted
                   if w["position"]]
         result["objects"] = len(seen) == len(wanted) and any(
             all(_same(w, o) for w, o in zip(wanted, order)) for order in permutations(seen))
-    for w, (prefix, obj) in zip(wanted, checks):
+    for w, prefix, obj in checks:
         result[prefix + "shape"] = obj is not None and obj["shape"] == w["shape"]
         if w["color"]:
             result[prefix + "color"] = obj is not None and obj["color"] == w["color"]
