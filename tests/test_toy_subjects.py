@@ -58,3 +58,26 @@ def test_measure_counts_what_the_reader_sees():
     assert asked[1][0][:4] == ["a star", "a star on the left", "a star in the center",
                                "a star on the right"]
     assert [a[1:] for a in asked] == [(7, 3.0, 5)] * 2
+
+
+def test_pair_prompts_cycle_every_pair_in_both_orders_and_every_unplaced_phrasing():
+    prompts = subjects.pair_prompts(["a sks star", "a zwx star", "a qvr circle"], 18)
+    assert prompts[:6] == ["a sks star and a zwx star", "a sks star and a qvr circle",
+                           "a zwx star and a sks star", "a zwx star and a qvr circle",
+                           "a qvr circle and a sks star", "a qvr circle and a zwx star"]
+    assert prompts[6] == "a sks star beside a zwx star" and prompts[12] == "a sks star next to a zwx star"
+    assert not any("left" in p or "right" in p for p in prompts)    # never a trained phrasing
+
+
+def seen(*patterns):
+    return [dict(position=p, shape="star", color="red" if pattern == "plain" else None, pattern=pattern)
+            for p, pattern in zip(("left", "right"), patterns)]
+
+
+def test_what_counts_as_mixing():
+    asked = ["striped_star", "checker_star"]
+    assert not subjects.mixed(seen("striped_star", "checker_star"), asked)
+    assert not subjects.mixed(seen("checker_star", "plain"), asked)      # one missing: not right, not mixed
+    assert subjects.mixed(seen("striped_star", "striped_star"), asked)    # one subject twice
+    assert subjects.mixed(seen("other", "checker_star"), asked)           # a hybrid pattern
+    assert subjects.mixed(seen("striped_star", "checker_circle"), asked)  # a subject not asked for
