@@ -20,9 +20,8 @@ from ldm.schedule import PREDICTION_TYPES
 
 # the program that wrote the bundled toy model; what StableDiffusion.made_by says for its files
 TOY_PRETRAIN = "train.toy.pretrain"
-# safetensors metadata key -> the program it names (the key holds that program's settings);
-# "train.pretrain" is the program's earlier name, which the bundled weights/toy-sd.safetensors carries
-MADE_BY_KEYS = {"train.toy.pretrain": TOY_PRETRAIN, "train.pretrain": TOY_PRETRAIN}
+# safetensors metadata key -> the program it names (the key holds that program's settings)
+MADE_BY_KEYS = {"train.toy.pretrain": TOY_PRETRAIN}
 
 
 def decide_prediction_type(family: str, explicit: str | None = None, metadata: dict | None = None,

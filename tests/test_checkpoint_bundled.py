@@ -71,11 +71,11 @@ def test_an_empty_tokenizer_folder_given_is_refused_even_for_inspection(copy_alo
 def test_made_by_is_what_the_file_says_not_where_it_lies(copy_alone, capsys):
     bundled = ckpt.load(device="meta")
     assert bundled.made_by == TOY_PRETRAIN == "train.toy.pretrain"
-    assert bundled.decided_by["made_by"] == "file metadata (train.pretrain)"  # its earlier name
+    assert bundled.decided_by["made_by"] == "file metadata (train.toy.pretrain)"
     copy = ckpt.load(copy_alone, tokenizer_dir=BUNDLED_TOKENIZER)
     assert copy.made_by == TOY_PRETRAIN and copy.source == copy_alone
     assert info.main([copy_alone, "--tokenizer", BUNDLED_TOKENIZER]) == 0
-    assert "made by     train.toy.pretrain   <- file metadata (train.pretrain)" in \
+    assert "made by     train.toy.pretrain   <- file metadata (train.toy.pretrain)" in \
         capsys.readouterr().out
 
 
