@@ -47,11 +47,10 @@ from train.log import TrainingLog, plot_losses
 
 # Defaults that depend on what the model is (StableDiffusion.made_by, not where its file is).
 # SD: the paper's lr (DreamBooth's for a full fine-tune), torch's threads. The bundled tiny model
-# must learn a subject in a few hundred CPU steps: on its 16000-step weights, train.single's 500
-# steps at lr 1e-2, batch 8, with the text encoder's shifts trained too give 82% subject fidelity
-# and 14% prior drift (UNet only, batch 4: 82% / 34%; a full fine-tune at 5e-4, batch 4: 96% /
-# 26%). Earlier weights: lr 5e-3 gave 62% / 22% (12000 steps), lr 1e-3 only 23% fidelity after
-# 200 steps (8000). Its layers are too small to split over threads (2 threads ran 7x slower than
+# must learn a subject in a few hundred CPU steps: on its weights, train.single's 500 steps at
+# lr 1e-2, batch 8, with the text encoder's shifts trained too give 88% subject fidelity and 0%
+# prior drift (UNet only, batch 4: 2% / 2%; a full fine-tune at 5e-4, batch 4: 88% / 48%; README).
+# Earlier weights: lr 5e-3 gave 62% / 22%, lr 1e-3 only 23% fidelity after 200 steps. Its layers are too small to split over threads (2 threads ran 7x slower than
 # 1 on a busy 2-core machine). Guidance: the model's own (StableDiffusion.default_guidance).
 MODEL_DEFAULTS = {None: {"lr": 1e-3, "full_lr": 5e-6, "threads": None, "batch_size": 4,
                          "train_text_encoder": False},
