@@ -16,7 +16,7 @@ Prints the table as markdown and writes OUTPUT_DIR/settings.png: the first three
 by side (one row each), 8 samples of "a sks star beside a zwx star" and 8 of "a zwx star next
 to a sks star", the same seeds in every row, each labeled with what the reader sees (left to
 right: sks, zwx, hybrid, or a plain color), so that the reader can be checked against the
-pictures. About 35 minutes on 2 CPU cores.
+pictures. About 30 minutes on 2 CPU cores.
 """
 
 import argparse
