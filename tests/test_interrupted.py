@@ -46,8 +46,11 @@ def command(root, out, *extra):
 
 
 def start(root, out, *extra):
+    # Ctrl-C reaches the trainer even when pytest itself runs as a background job, whose
+    # children inherit an ignored SIGINT (and Python then installs no KeyboardInterrupt)
     return subprocess.Popen(command(root, out, *extra), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def steps_logged(out) -> int:
