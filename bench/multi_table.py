@@ -75,8 +75,8 @@ def main():
             grid.append(model.generate(GRID_PROMPTS, steps=config.sample_steps,
                                        guidance=model.default_guidance, seed=args.seed + 2,
                                        progress=False))
-    print(f"\n| setting | both subjects right, each its own pattern | mixing | each alone right | "
-          f"prior drift |\n|---|---|---|---|---|")
+    print("\n| setting | both subjects right, each its own pattern | mixing | each alone right | "
+          "prior drift |\n|---|---|---|---|---|")
     for label, t in rows:
         print(f"| {label} | {t['together']:.0%} | {t['mixing']:.0%} | {t['alone']:.0%} | {t['drift']:.0%} |")
     path = root / "settings.png"

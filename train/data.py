@@ -17,7 +17,6 @@ what makes `--resume` exact.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
