@@ -61,18 +61,18 @@ def main():
     args = parser.parse_args()
     root = Path(args.output_dir)
     rows, grid = [], []
+    sample_steps = multi.MultiConfig().sample_steps
     for label, name, flags, examples in SETTINGS:
         t0 = time.time()
         model = run(name, flags, examples, root, args.seed)
-        config = multi.parse_args([])
         subjects = [(e.subject, e.instance_prompt, e.class_prompt) for e in examples]
-        table = toy.measure_subjects(model, subjects, args.eval_samples, config.sample_steps,
+        table = toy.measure_subjects(model, subjects, args.eval_samples, sample_steps,
                                      model.default_guidance, args.seed + 1)
         rows.append((label, table))
         print(f"{label}: {toy.format_subjects(table, args.eval_samples)} ({(time.time() - t0) / 60:.1f} min)",
               flush=True)
         if len(grid) < 3:
-            grid.append(model.generate(GRID_PROMPTS, steps=config.sample_steps,
+            grid.append(model.generate(GRID_PROMPTS, steps=sample_steps,
                                        guidance=model.default_guidance, seed=args.seed + 2,
                                        progress=False))
     print("\n| setting | both subjects right, each its own pattern | mixing | each alone right | "

@@ -15,19 +15,12 @@ import spectral
 from edit import sample
 from ldm import checkpoint
 from ldm.unet import BasicTransformerBlock
-from tiny import tiny_model
+from tiny import one_thread, tiny_model  # noqa: F401 (one_thread: autouse fixture)
 from train import multi, single
 from train.data import ImageSet, step_generator
 from train.toy import reader, world
 from train.trainable import SpectralShifts
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

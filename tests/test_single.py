@@ -17,19 +17,10 @@ import spectral
 from edit.shifts import apply_shifts
 from ldm import checkpoint
 from ldm.vae import AutoencoderKL
-from tiny import tiny_model
+from tiny import one_thread, tiny_model  # noqa: F401 (one_thread: autouse fixture)
 from train import single
 from train.trainable import SpectralShifts
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a loaded 2-core machine extra threads
-    spin-wait: a 2 s run took 40 s with two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

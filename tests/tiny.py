@@ -14,6 +14,7 @@ import json
 import os
 import tempfile
 
+import pytest
 import torch
 from transformers import CLIPTokenizer
 
@@ -96,3 +97,14 @@ def tiny_model(family: str = "sd1", tokenizer_dir: str | None = None, seed: int 
                            prediction_type=prediction_type, source="tests/tiny.py",
                            decided_by={"family": "built by tests/tiny.py"},
                            image_size=IMAGE_SIZE)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a loaded 2-core machine extra threads
+    spin-wait: a 2 s run took 40 s with two. A test module that imports it runs every test on
+    one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -52,6 +52,7 @@ import json
 import math
 import sys
 from dataclasses import dataclass
+from itertools import permutations, product
 from pathlib import Path
 
 import torch
@@ -241,9 +242,13 @@ def cut_mix(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """(..., H, W) twice -> (..., H, W): the central W//2 columns of `left`, then the central
     W - W//2 columns of `right`; the seam at column W//2."""
     width = left.shape[-1]
-    a, b = width // 2, width - width // 2
-    return torch.cat([left[..., (width - a) // 2:(width - a) // 2 + a],
-                      right[..., (width - b) // 2:(width - b) // 2 + b]], dim=-1)
+    return torch.cat([central(left, width // 2), central(right, width - width // 2)], dim=-1)
+
+
+def central(image: torch.Tensor, columns: int) -> torch.Tensor:
+    """The middle `columns` columns of (..., H, W)."""
+    start = (image.shape[-1] - columns) // 2
+    return image[..., start:start + columns]
 
 
 def mix_caption(left: str, right: str, right_first: bool) -> str:
@@ -366,19 +371,14 @@ def positions_in(ids: list[int], pieces: list[list[int]]) -> list[int]:
 def check_identifiers_fit(text_encoder, subjects: list[Subject], identifiers) -> None:
     """Every cut-mix caption keeps both identifiers within the text encoder's length (CLIP reads
     77 tokens): DataError (one line) otherwise."""
-    for a in range(len(subjects)):
-        for b in range(len(subjects)):
-            if a == b:
-                continue
-            for right_first in (False, True):
-                caption = mix_caption(subjects[a].instance_prompt, subjects[b].instance_prompt, right_first)
-                ids = text_encoder.tokenize([caption])[0].tolist()
-                try:
-                    positions_in(ids, identifiers[a] + identifiers[b])
-                except StopIteration:
-                    raise DataError(f"the cut-mix caption '{caption}' is longer than the text "
-                                    f"encoder's {text_encoder.max_length} tokens and loses a "
-                                    "subject's token; shorten the instance prompts") from None
+    for (a, b), right_first in product(permutations(range(len(subjects)), 2), (False, True)):
+        caption = mix_caption(subjects[a].instance_prompt, subjects[b].instance_prompt, right_first)
+        try:
+            positions_in(text_encoder.tokenize([caption])[0].tolist(), identifiers[a] + identifiers[b])
+        except StopIteration:
+            raise DataError(f"the cut-mix caption '{caption}' is longer than the text encoder's "
+                            f"{text_encoder.max_length} tokens and loses a subject's token; "
+                            "shorten the instance prompts") from None
 
 
 def unmix_targets(layouts: list[Layout], token_ids: torch.Tensor,
