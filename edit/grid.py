@@ -15,6 +15,7 @@ import textwrap
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
 
 
 def to_pil(images) -> list[Image.Image]:
@@ -72,9 +73,20 @@ def make_grid(images, columns: int | None = None, labels: list[str] | None = Non
     return grid
 
 
+def png_info(metadata: dict[str, str] | None) -> PngInfo | None:
+    """PNG text chunks holding `metadata` (what made an image: prompt, seed, ...)."""
+    if not metadata:
+        return None
+    info = PngInfo()
+    for key, value in metadata.items():
+        info.add_text(key, str(value))
+    return info
+
+
 def save_grid(images, path: str, columns: int | None = None, labels: list[str] | None = None,
-              padding: int = 2, scale: int | None = None) -> str:
-    """make_grid(...) written to `path` (PNG by extension); returns the path."""
-    make_grid(images, columns, labels, padding, scale).save(path)
+              padding: int = 2, scale: int | None = None, metadata: dict[str, str] | None = None) -> str:
+    """make_grid(...) written to `path` (PNG by extension), `metadata` as its text chunks;
+    returns the path."""
+    make_grid(images, columns, labels, padding, scale).save(path, pnginfo=png_info(metadata))
     return path
 

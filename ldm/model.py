@@ -161,5 +161,18 @@ class StableDiffusion:
         latents = ddim.sample(self.denoise, x_T, cond, uncond=uncond, guidance=guidance,
                               schedule=self.schedule, steps=steps, eta=eta, generator=generator,
                               prediction_type=self.prediction_type, progress=progress)
+        return self.decode(latents)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> latents (B, 4, H/f, W/f), float32: scale_factor times
+        the mean of q(z | x), the deterministic encoding (what DDIM inversion starts from)."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        latents = self.vae.encode_latents(images.to(self.device, vae_dtype), sample=False)
+        return latents.float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (B, 4, h, w) -> images (B, 3, H, W) in [0, 1], float32."""
         images = self.vae.decode_latents(latents.to(next(self.vae.parameters()).dtype))
         return ((images.float() + 1) / 2).clamp(0, 1)

@@ -120,6 +120,18 @@ def test_latent_cache_holds_centre_crop_and_mirror():
         assert min(distances) < 0.6
 
 
+def test_without_augmentation_every_latent_is_the_centre_crop_unmirrored():
+    """edit.cosine's single image: a mirror would move what its prompt places, cache or not."""
+    images = ImageSet([gradient_image(48, 32)], 32, augment=False)
+    centre = fake_encode(images.crop(0, None)[None])[0][0]
+    plain = images.latents(64, torch.Generator().manual_seed(0), fake_encode, 1.0)
+    images.build_cache(fake_encode)
+    cached = images.latents(64, torch.Generator().manual_seed(0), fake_encode, 1.0)
+    for latents in (plain, cached):   # mean + 0.5 * N(0, 1): over 64 samples, about the mean
+        torch.testing.assert_close(latents.mean(0), centre, rtol=0, atol=0.3)
+    assert (centre - centre.flip(-1)).abs().mean() > 0.3      # a mirror would be told apart
+
+
 # --- class images -----------------------------------------------------------------------------
 
 def test_class_images_are_generated_once_and_reused(tmp_path):

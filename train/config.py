@@ -72,8 +72,10 @@ def build_parser(config_class, prog: str, description: str) -> argparse.Argument
             kwargs["action"] = "store_true"
         elif kind == bool | None:
             kwargs["action"] = argparse.BooleanOptionalAction
-        elif kind == tuple[int, ...]:  # sizes per level: --channel-mult 2,2,2
-            kwargs.update(type=integers, default=",".join(map(str, f.default)), metavar="N,N,...")
+        elif kind in (tuple[int, ...], tuple[float, ...]):  # lists: --channel-mult 2,2,2
+            number = typing.get_args(kind)[0]
+            kwargs.update(type=numbers(number), default=",".join(map(str, f.default)),
+                          metavar="N,N,..." if number is int else "X,X,...")
         elif any(typing.get_origin(t) is tuple for t in (kind, *typing.get_args(kind))):
             kwargs.update(action="append", metavar=meta["metavar"] or "TEXT")
             if isinstance(meta["metavar"], tuple):  # several values per use: --subject DIR P C
@@ -88,12 +90,16 @@ def build_parser(config_class, prog: str, description: str) -> argparse.Argument
     return parser
 
 
-def integers(text: str) -> tuple[int, ...]:
-    """'2,2,2' -> (2, 2, 2)."""
-    try:
-        return tuple(int(value) for value in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected whole numbers separated by commas, got {text!r}") from None
+def numbers(kind: type):
+    """An argparse type for a comma-separated list: '2,2,2' -> (2, 2, 2), '0,0.5' -> (0.0, 0.5)."""
+    what = "whole numbers" if kind is int else "numbers"
+
+    def parse_list(text: str) -> tuple:
+        try:
+            return tuple(kind(value) for value in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what} separated by commas, got {text!r}") from None
+    return parse_list
 
 
 def check(parser: argparse.ArgumentParser, config) -> None:
@@ -101,8 +107,10 @@ def check(parser: argparse.ArgumentParser, config) -> None:
     otherwise, before anything is loaded."""
     with usage_errors(parser):
         for f in dataclasses.fields(config):
-            if isinstance(getattr(config, f.name), (int, float)):
-                check_range(flag(f.name), getattr(config, f.name), *f.metadata["range"])
+            value = getattr(config, f.name)
+            for number in value if isinstance(value, tuple) else (value,):  # lists: each value
+                if isinstance(number, (int, float)):
+                    check_range(flag(f.name), number, *f.metadata["range"])
         if isinstance(config, RunConfig):
             usable_device(config.device)
             if config.svd_cache:
@@ -155,6 +163,8 @@ class RunConfig:
     method: str = option("spectral", "what is trained: spectral shifts (the method), or every "
                          "UNet weight (full; a baseline for comparison, writes no shift file)",
                          choices=("spectral", "full"))
+    train_text_encoder: bool | None = option(None, "spectral shifts on the text encoder too; "
+                                             "default: off, on for the bundled tiny model")
     lr: float | None = option(None, "learning rate of the singular-value shifts; default: 1e-3 "
                               "(the paper's), 1e-2 on the bundled tiny model. With --method full, "
                               "of the weights: 5e-6, 5e-4 on the bundled model", minimum=0)
@@ -186,8 +196,9 @@ class RunConfig:
     guidance: float | None = option(None, "classifier-free guidance scale for sampling; default: "
                                     "7.5, 4 on the bundled tiny model (what it was tuned for)",
                                     minimum=0, same_on_resume=False)
-    eval_samples: int = option(50, "with the example subject: samples per prompt for the final "
-                               "measurement by the toy world's reader; 0 skips it", minimum=0,
+    eval_samples: int = option(50, "with the bundled example: samples per prompt (per edit and "
+                               "setting in edit.cosine) for the final measurement by the toy "
+                               "world's reader; 0 skips it", minimum=0,
                                same_on_resume=False)
     save_every: int = option(50, "write the result and checkpoint every N steps", minimum=1,
                              same_on_resume=False)
@@ -208,10 +219,7 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class SubjectConfig(RunConfig):
-    """What the subject trainers (train.single, train.multi) add: prior preservation, and
-    whether the text encoder's shifts are trained too."""
+    """What the subject trainers (train.single, train.multi) add: prior preservation."""
     num_class_images: int = option(32, "prior images per class prompt (DreamBooth: 100-200 on SD)",
                                    minimum=1)
     prior_loss_weight: float = option(1.0, "lambda; 0 disables prior preservation", minimum=0)
-    train_text_encoder: bool | None = option(None, "spectral shifts on the text encoder too; "
-                                             "default: off, on for the bundled tiny model")

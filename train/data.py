@@ -64,6 +64,22 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def open_image(path: str | Path) -> Image.Image:
+    """The image file at `path` as RGB (to_rgb), its name in .info["source"]; DataError saying
+    why not ("not an image", or the decoder's reason) for a file that is not a readable image."""
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            rgb = to_rgb(image)
+    except UnidentifiedImageError:
+        raise DataError("not an image") from None
+    except (Image.DecompressionBombError, OSError, ValueError) as error:
+        raise DataError(str(error)) from None
+    rgb.info["source"] = path.name  # for messages further on
+    return rgb
+
+
 def read_images(directory: str | Path, what: str = "--instance-dir") -> list[Image.Image]:
     """Every readable image directly in `directory`, sorted by file name, as RGB.
 
@@ -79,14 +95,9 @@ def read_images(directory: str | Path, what: str = "--instance-dir") -> list[Ima
     images = []
     for path in files:
         try:
-            with Image.open(path) as image:
-                image.load()
-                rgb = to_rgb(image)
-            rgb.info["source"] = path.name  # for messages further on
-            images.append(rgb)
-        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as error:
-            reason = "not an image" if isinstance(error, UnidentifiedImageError) else str(error)
-            warn(f"{what}: skipping {path.name}: {reason}")
+            images.append(open_image(path))
+        except DataError as error:
+            warn(f"{what}: skipping {path.name}: {error}")
     if not images:
         if not files:
             raise DataError(f"{what} {directory}: the directory is empty, put the subject's images there")
@@ -192,7 +203,7 @@ class ImageSet:
         """A random batch (B, 4, h, w) of scaled latents of `crops`, or from the cache."""
         if self.cache is not None:
             indices = self._pick(batch_size, generator)
-            flips = torch.rand(batch_size, generator=generator) < 0.5
+            flips = torch.rand(batch_size, generator=generator) < (0.5 if self.augment else 0)
             moments = [self.cache[i][int(f)] for i, f in zip(indices, flips)]
             mean = torch.stack([m.mean for m in moments])
             std = torch.stack([m.std for m in moments])
