@@ -91,6 +91,8 @@ def workspace(tmp_path_factory):
     (root / "concepts-no-prompt.json").write_text(json.dumps([
         {"instance_data_dir": paths["images"], "instance_prompt": "a sks star", "class_prompt": "a star"},
         {"instance_data_dir": paths["images"], "class_prompt": "a star"}]))
+    paths["broken_png"] = str(root / "broken.png")   # a PNG cut short: its decoder fails
+    (root / "broken.png").write_bytes((images / "0.png").read_bytes()[:80])
     # ldm.info's cases: an empty file, a truncated .safetensors, a LoRA file
     from safetensors.torch import save_file
     paths.update({name: str(root / f) for name, f in (("empty_file", "empty.ckpt"),
@@ -255,6 +257,46 @@ EDIT_SAMPLE = [         # edit.sample: (flags after quick settings, message); th
     case("edit.sample", "--prompt 'a red star' --quiet --output {root}/new.png "
          "--shift {run}/spectral_shifts.safetensors", 2, "was trained on another base model"),
 ]
+COSINE = "--model {model} --image {images}/0.png --prompt 'a red star' --edit 'a blue star' " \
+         "--steps 1 --batch-size 1 --sample-steps 1 --num-images 1 --eval-samples 0 " \
+         "--validation-every 0 --svd-cache {svd} --threads 1 --output-dir {root}/cosine"
+EDIT_COSINE = [         # edit.cosine: (flags after quick settings, message)
+    *(case("edit.cosine", f"{COSINE} {extra}", 2, message, label=f"edit.cosine {extra}")
+      for extra, message in [
+          ("--image {root}/missing.png", "--image {root}/missing.png: no such file"),
+          ("--image {file}", "--image {file}: not an image"),
+          ("--image {empty}", "--image {empty}: is a directory, not an image file"),
+          ("--image {broken_png}", "--image {broken_png}: "),
+          ("--image {model}", "--image {model}: not an image"),
+          ("--prompt ''", "--prompt: give the source prompt"),
+          ("--prompt '   '", "--prompt: give the source prompt"),
+          ("--edit ''", "--edit: an empty target prompt"),
+          ("--edit 'a red star'", "--edit 'a red star' is the source prompt: an edit must change it"),
+          ("--edit 'A  red star'", "--edit 'A  red star' is the source prompt"),
+          ("--edit 'a blue  star'", "--edit 'a blue  star' is given twice"),
+          ("--eta 1.5", "--eta must be at most 1, got 1.5"),
+          ("--eta 0,-1", "--eta must not be negative, got -1.0"),
+          ("--eta 0,x", "expected numbers separated by commas, got '0,x'"),
+          ("--slerp nan", "--slerp must be a finite number"),
+          ("--slerp 0,2", "--slerp must be at most 1, got 2.0"),
+          ("--no-invert --slerp 0,0.5", "--slerp mixes the inversion with fresh noise: it needs --invert"),
+          ("--num-images 0", "--num-images must be at least 1"),
+          ("--steps 0", "--steps must be at least 1"),
+          ("--fit stretch", "invalid choice: 'stretch'"),
+          ("--shift {run}/spectral_shifts.safetensors --resume", "--shift skips the fine-tune"),
+          ("--shift {run}/spectral_shifts.safetensors --method full", "--shift skips the fine-tune"),
+          ("--shift {root}/missing.safetensors", "no such shift file"),
+          ("--shift {file}", "not a readable safetensors file"),
+          ("--output-dir {run}", "holds an earlier run's files"),
+          ("--output-dir {file}", "--output-dir {file}: is a file"),
+          ("--method full --train-text-encoder", "--method full trains the UNet only"),
+      ]),
+    case("edit.cosine", "--image {images}/0.png --prompt 'a red star' --edit 'a blue star' "
+         "--output-dir {root}/cosine --shift {run}/spectral_shifts.safetensors", 2,
+         "was trained on another base model", label="edit.cosine --shift FILE (of another base)"),
+    case("edit.cosine", "--image {images}/0.png --edit 'a blue star'", 2,
+         "--prompt: give the source prompt", label="edit.cosine --image without --prompt"),
+]
 LDM_INFO = [           # ldm.info
     case("ldm.info", "", 2, "the following arguments are required: path"),
     case("ldm.info", "{model} {model}", 2, "unrecognized arguments"),
@@ -336,7 +378,7 @@ TOY_COMMANDS = [        # train.toy.pretrain, train.toy.reader, train.toy.world,
     case("train.toy.tokenizer", "--output-dir {file}", 2, "--output-dir {file}: is a file"),
     case("train.toy.tokenizer", "--output-dir {file}/sub", 2, "{file} is a file, not a directory"),
 ]
-CASES = TRAIN_SINGLE + TRAIN_MULTI + EDIT_SAMPLE + LDM_INFO + SPECTRAL_COUNT + TOY_COMMANDS
+CASES = TRAIN_SINGLE + TRAIN_MULTI + EDIT_SAMPLE + EDIT_COSINE + LDM_INFO + SPECTRAL_COUNT + TOY_COMMANDS
 
 
 # --------------------------------------------------------------------------- running a case

@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 
-COMMANDS = ["train.single", "train.multi", "edit.sample", "ldm.info", "spectral.count", "train.toy.pretrain",
+COMMANDS = ["train.single", "train.multi", "edit.sample", "edit.cosine", "ldm.info", "spectral.count", "train.toy.pretrain",
             "train.toy.reader", "train.toy.world", "train.toy.tokenizer"]
 # one name for one thing: what each of these meant elsewhere has the name on the right
 RETIRED = {"--out": "--output", "--out-dir": "--output-dir", "--n": "--num-images",
