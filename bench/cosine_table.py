@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edit import cosine  # noqa: E402
 from ldm import ddim  # noqa: E402
-from train import core, data, single  # noqa: E402
+from train import core, data  # noqa: E402
 from train.toy import edits, reader, world  # noqa: E402
 from PIL import Image  # noqa: E402
 

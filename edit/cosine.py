@@ -168,6 +168,10 @@ def fit(image: Image.Image, size: int, how: str) -> Image.Image:
     return square
 
 
+# fine-tuning steps: one image is learned in fewer than a subject's few photos (train.single: 500)
+SD_STEPS, TOY_STEPS = 500, 100
+
+
 def resolve(config: CosineConfig, model) -> CosineConfig:
     """The defaults that depend on the model filled in: the complete settings of this run."""
     filled = {k: v for k, v in core.model_defaults(config, model).items() if getattr(config, k) is None}
@@ -176,10 +180,6 @@ def resolve(config: CosineConfig, model) -> CosineConfig:
     if config.steps is None:
         filled["steps"] = TOY_STEPS if core.is_toy_model(model) else SD_STEPS
     return dataclasses.replace(config, **filled)
-
-
-# one image is learned in fewer steps than a subject's few photos (README: the edit table)
-SD_STEPS, TOY_STEPS = 500, 100
 
 
 def check_outputs(config: CosineConfig, result_name: str | None) -> None:
