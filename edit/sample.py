@@ -4,8 +4,11 @@
     python -m edit.sample --model sd-v1-5.safetensors --prompt "a photo of a cat" \\
         --sample-steps 25 --guidance 7.5 --size 512 --device cuda --output cats.png
     python -m edit.sample --shift runs/single/spectral_shifts.safetensors --prompt "a sks star"
+    python -m edit.sample --interpolate A.safetensors B.safetensors --alpha 0,0.5,1 --prompt "..."
+    python -m edit.sample --mix A.safetensors B.safetensors --mix-layers coarse --prompt "..."
 
-Every --prompt gets one row of --num-images images. Row i, column j starts from the noise of seed
+Every --prompt gets one row of --num-images images (with --interpolate, one row per alpha and
+prompt). Row i, column j starts from the noise of seed
 `--seed` image j, so each column shares its starting noise across prompts: a grid shows what
 the prompt changes and nothing else. The default model is the bundled toy model.
 
@@ -20,7 +23,8 @@ import torch
 
 from edit.cli import check_output_dir, check_output_file, check_range
 from edit.grid import save_grid
-from edit.shifts import apply_shifts, parse_shift
+import spectral
+from edit.shifts import GROUPS, apply_deltas, combined_deltas, layer_chooser, parse_shift, read_deltas
 from ldm.checkpoint import DEFAULT_MODEL, CheckpointError, load
 from ldm.model import usable_device
 from ldm.schedule import PREDICTION_TYPES
@@ -36,6 +40,21 @@ def shift(text: str) -> tuple[str, float]:
         return parse_shift(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def alphas(text: str) -> tuple[float, ...]:
+    """--alpha 0,0.5,1 -> (0.0, 0.5, 1.0), each a number in [0, 1]."""
+    try:
+        values = tuple(float(value) for value in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+    for value in values:
+        if not 0 <= value <= 1:   # nan fails this too
+            raise argparse.ArgumentTypeError(f"each alpha must be in [0, 1], got {value}")
+    return values
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="spectral_shifts.safetensors from train.single; repeat to combine: "
                             "ReLU(sigma + w1 delta1 + w2 delta2 + ...), merged into the weights "
                             "once (WEIGHT default 1; 0.5 + 0.5 interpolates)")
+    model.add_argument("--interpolate", nargs=2, metavar=("A", "B"),
+                       help="two shift files: one grid row per --alpha, ReLU(sigma + alpha "
+                            "delta_A + (1 - alpha) delta_B)")
+    model.add_argument("--alpha", type=alphas, metavar="X,X,...",
+                       help="with --interpolate: the weights of A, each in [0, 1] "
+                            f"(default: {','.join(f'{a:g}' for a in ALPHAS)})")
+    model.add_argument("--mix", nargs=2, metavar=("A", "B"),
+                       help="two shift files: the layers --mix-layers names from A, every "
+                            "other layer from B (style mixing)")
+    model.add_argument("--mix-layers", metavar="GROUPS",
+                       help=f"with --mix: comma-separated groups ({', '.join(GROUPS)}; see "
+                            "edit/shifts.py for their layers) or globs over layer names, e.g. "
+                            "'unet.output_blocks.*' (default: none; required with --mix)")
     model.add_argument("--svd-cache", metavar="DIR",
                        help="where the base model's SVD is cached (default ~/.cache/svdiff/svd)")
     model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -107,6 +139,27 @@ def check_args(args: argparse.Namespace) -> None:
     if args.svd_cache:  # a folder (made when missing), not a file; what it caches is never lost
         check_output_dir(args.svd_cache, (), overwrite=True, flag="--svd-cache")
     usable_device(args.device)
+    if sum(map(bool, (args.shift, args.interpolate, args.mix))) > 1:
+        raise ValueError("give one way of combining shifts: --shift, --interpolate or --mix")
+    if args.alpha is not None and not args.interpolate:
+        raise ValueError("--alpha weighs the two files of --interpolate: give --interpolate A B")
+    if bool(args.mix) != bool(args.mix_layers):
+        raise ValueError("--mix A B and --mix-layers GROUPS go together (the layers named come from A)")
+
+
+def variants(model, args: argparse.Namespace) -> list[tuple[str, dict | None]]:
+    """(row label, combined deltas or None for the base model) per model to sample."""
+    if args.shift:
+        return [("", combined_deltas(model, args.shift))]
+    if args.interpolate:
+        first, second = read_deltas(model, args.interpolate)
+        return [(f"alpha {alpha:g}", spectral.interpolate(first, second, alpha))
+                for alpha in args.alpha or ALPHAS]
+    if args.mix:
+        chooser = layer_chooser(args.mix_layers, model.unet.config)
+        first, second = read_deltas(model, args.mix)
+        return [(f"{args.mix_layers} from A", spectral.mix(first, second, chooser))]
+    return [("", None)]
 
 
 def run(args: argparse.Namespace) -> str:
@@ -114,21 +167,32 @@ def run(args: argparse.Namespace) -> str:
     check_args(args)
     dtype = DTYPES[args.dtype] if args.dtype else (
         torch.float16 if torch.device(args.device).type == "cuda" else torch.float32)
+    combining = bool(args.shift or args.interpolate or args.mix)
     # With shifts, load in float32 first: the base fingerprint a shift file is checked against
     # is taken on float32 weights (as in training), and the merge is done at full precision.
     model = load(args.model, tokenizer_dir=args.tokenizer, prediction_type=args.prediction_type,
-                 device=args.device, dtype=torch.float32 if args.shift else dtype)
-    if args.shift:
-        apply_shifts(model, args.shift, cache_dir=args.svd_cache, progress=not args.quiet)
-        model.to(dtype=dtype)
+                 device=args.device, dtype=torch.float32 if combining else dtype)
+    if args.mix_layers:   # a bad group is refused before any file is read
+        layer_chooser(args.mix_layers, model.unet.config)
+    rows = variants(model, args)
+    base = [{k: v.clone() for k, v in m.state_dict().items()} for m in (model.unet, model.text_encoder)] \
+        if len(rows) > 1 else None
     guidance = model.default_guidance if args.guidance is None else args.guidance
     images, labels = [], []
-    for prompt in args.prompt:
-        images.append(model.generate([prompt] * args.num_images, negative_prompt=args.negative_prompt,
-                                     steps=args.sample_steps, guidance=guidance, eta=args.eta,
-                                     seed=args.seed, height=args.size, width=args.size,
-                                     progress=not args.quiet).cpu())
-        labels += [prompt] * args.num_images
+    for number, (label, deltas) in enumerate(rows):
+        if number:        # back to the base weights, then the next combination merged once
+            model.to(dtype=torch.float32)
+            for module, state in zip((model.unet, model.text_encoder), base):
+                module.load_state_dict(state)
+        if deltas is not None:
+            apply_deltas(model, deltas, cache_dir=args.svd_cache, progress=not args.quiet)
+            model.to(dtype=dtype)
+        for prompt in args.prompt:
+            images.append(model.generate([prompt] * args.num_images, negative_prompt=args.negative_prompt,
+                                         steps=args.sample_steps, guidance=guidance, eta=args.eta,
+                                         seed=args.seed, height=args.size, width=args.size,
+                                         progress=not args.quiet).cpu())
+            labels += [f"{label}: {prompt}" if label else prompt] * args.num_images
     save_grid(torch.cat(images), args.output, columns=args.num_images, labels=None if args.plain else labels)
     return args.output
 
@@ -141,8 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {path} ({len(args.prompt)} x {args.num_images} images, "
-          f"{time.perf_counter() - start:.1f} s)")
+    print(f"wrote {path} ({time.perf_counter() - start:.1f} s)")
     return 0
 
 

@@ -245,6 +245,17 @@ EDIT_SAMPLE = [         # edit.sample: (flags after quick settings, message); th
           ("--shift {run}/checkpoint.pt", "not a readable safetensors file"),
           ("--shift {model}", "metadata is not JSON"),    # a checkpoint, not a shift file
           ("--shift {run}/spectral_shifts.safetensors --svd-cache {file}", "--svd-cache {file}: is a file"),
+          ("--interpolate {run}/spectral_shifts.safetensors {run}/spectral_shifts.safetensors --alpha 0,2",
+           "each alpha must be in [0, 1], got 2.0"),
+          ("--interpolate {run}/spectral_shifts.safetensors {root}/missing.safetensors", "no such shift file"),
+          ("--interpolate {run}/spectral_shifts.safetensors", "expected 2 arguments"),
+          ("--alpha 0.5", "--alpha weighs the two files of --interpolate"),
+          ("--mix {run}/spectral_shifts.safetensors {run}/spectral_shifts.safetensors",
+           "--mix A B and --mix-layers GROUPS go together"),
+          ("--mix {run}/spectral_shifts.safetensors {run}/spectral_shifts.safetensors --mix-layers top",
+           "--mix-layers: unknown group 'top'"),
+          ("--mix {run}/spectral_shifts.safetensors {run}/spectral_shifts.safetensors --mix-layers coarse "
+           "--shift {run}/spectral_shifts.safetensors", "give one way of combining shifts"),
           ("--model {root}/missing.safetensors", "no such file"),
           ("--model {file}", "not a checkpoint"),
           ("--model {run}/checkpoint.pt", "no Stable Diffusion UNet keys"),

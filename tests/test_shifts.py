@@ -1,14 +1,18 @@
-"""edit.shifts / edit.sample --shift: shift files merged into a fresh base equal the model with
-the same deltas attached (the identity W = U diag(ReLU(sigma + sum_i w_i delta_i)) V^T), and
-files for another base are refused."""
+"""edit.shifts / edit.sample --shift, --interpolate, --mix: shift files merged into a fresh base
+equal the model with the same combined deltas attached (the identity W = U diag(ReLU(sigma +
+combination)) V^T), the named layer groups hold the layers they say, and files for another base
+are refused."""
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import spectral
 from edit import sample
-from edit.shifts import apply_shifts, parse_shift
+from edit.shifts import apply_deltas, apply_shifts, layer_chooser, parse_shift
 from ldm import checkpoint as ckpt
+from ldm.unet import UNetConfig, UNetModel
 from tiny import tiny_model
 
 
@@ -115,3 +119,100 @@ def test_cli_shift(tmp_path, monkeypatch, capsys):
                                  "--output", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "another base model" in err[0]
+
+
+# --- interpolation and style mixing ---------------------------------------------------------------
+
+def test_interpolation_is_relu_after_combining(tmp_path, monkeypatch):
+    """alpha A + (1 - alpha) B merged equals the attached layers holding that sum (the ReLU of
+    sigma + the combination, not a combination of ReLUs: the deltas are large enough to clip)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    tok = str(tmp_path / "tok")
+    base = tiny_model("sd1", tokenizer_dir=tok)
+    first, second = random_shift(base, 1), random_shift(base, 2)
+    first = {k: 40 * v for k, v in first.items()}             # pushes some sigma + delta below 0
+    merged = tiny_model("sd1", tokenizer_dir=tok)
+    apply_deltas(merged, spectral.interpolate(first, second, 0.3), progress=False)
+    expected = {k: 0.3 * first[k] + 0.7 * second[k] for k in first}
+    torch.testing.assert_close(output(merged), output(attached_reference(tok, expected)), rtol=1e-5, atol=1e-5)
+
+
+def sd15_layer_names():
+    """Shift-file names of SD 1.5's UNet layers (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        unet = UNetModel(UNetConfig())
+    return [f"unet.{name}" for name in spectral.layers.targets(unet)], unet.config
+
+
+def test_named_groups_hold_the_layers_their_documentation_says():
+    names, config = sd15_layer_names()
+    chosen = lambda spec: {n for n in names if layer_chooser(spec, config)(n)}
+    block = lambda n: int(n.split(".")[2])
+    assert chosen("down") == {n for n in names if n.startswith("unet.input_blocks.")}
+    assert chosen("coarse") == {n for n in names if (n.startswith("unet.input_blocks.") and block(n) >= 7)
+                                or n.startswith("unet.middle_block.")
+                                or (n.startswith("unet.output_blocks.") and block(n) <= 5)}
+    assert chosen("fine") == {n for n in names if (n.startswith("unet.input_blocks.") and block(n) <= 6)
+                              or (n.startswith("unet.output_blocks.") and block(n) >= 6)
+                              or n.startswith("unet.out.")}
+    assert chosen("cross-attention") == {n for n in names if ".attn2." in n} and len(chosen("cross-attention")) == 16 * 4
+    assert chosen("up,mid") == chosen("up") | chosen("mid")
+    assert chosen("unet.output_blocks.1*") == {n for n in names if n.startswith("unet.output_blocks.1")}
+    with pytest.raises(ValueError, match="unknown group 'middle'"):
+        layer_chooser("middle", config)
+
+
+def test_cli_interpolate_and_mix(tmp_path, monkeypatch, capsys):
+    """--interpolate's rows at alpha 1 and 0 are --shift A's and --shift B's images (the base
+    weights restored between rows); --mix coarse is the attached model with A's deltas on the
+    coarse layers and B's elsewhere."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    tok = str(tmp_path / "tokenizer")
+    base = tiny_model("sd1", tokenizer_dir=tok)
+    ckpt.save_single_file(str(tmp_path / "tiny.safetensors"), base)
+    fingerprint = ckpt.load(str(tmp_path / "tiny.safetensors")).base_fingerprint()
+    first, second = random_shift(base, 1), random_shift(base, 2)
+    save(tmp_path / "a.safetensors", first, fingerprint)
+    save(tmp_path / "b.safetensors", second, fingerprint)
+    a, b = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
+    common = ["--model", str(tmp_path / "tiny.safetensors"), "--prompt", "a photo", "--num-images", "1",
+              "--sample-steps", "2", "--size", "16", "--quiet", "--plain"]
+    grid = lambda name: np.asarray(Image.open(tmp_path / name))
+    for args, name in (([ "--shift", a], "a.png"), (["--shift", b], "b.png"),
+                       (["--interpolate", a, b, "--alpha", "1,0"], "ab.png")):
+        assert sample.main(common + args + ["--output", str(tmp_path / name)]) == 0
+    tile = lambda image, row: image[2 + 18 * row:18 + 18 * row, 2:18]
+    np.testing.assert_array_equal(tile(grid("ab.png"), 0), tile(grid("a.png"), 0))
+    np.testing.assert_array_equal(tile(grid("ab.png"), 1), tile(grid("b.png"), 0))
+
+    mixed = ckpt.load(str(tmp_path / "tiny.safetensors"))
+    choose = layer_chooser("coarse", mixed.unet.config)
+    expected = spectral.mix(first, second, choose)
+    assert any(choose(n) for n in expected) and not all(choose(n) for n in expected)
+    model = ckpt.load(str(tmp_path / "tiny.safetensors"))
+    apply_deltas(model, dict(expected), progress=False)
+    torch.testing.assert_close(output(model), output(attached_reference(tok, expected)), rtol=1e-5, atol=1e-5)
+    assert sample.main(common + ["--mix", a, b, "--mix-layers", "coarse", "--output", str(tmp_path / "mix.png")]) == 0
+    reference = ckpt.load(str(tmp_path / "tiny.safetensors"))
+    apply_deltas(reference, dict(expected), progress=False)
+    image = reference.generate(["a photo"], steps=2, seed=0, height=16, width=16, progress=False)
+    pixels = (image[0] * 255).round().permute(1, 2, 0).numpy()
+    assert np.abs(tile(grid("mix.png"), 0).astype(int) - pixels).max() <= 1
+
+    for args, message in ((["--interpolate", a, b, "--alpha", "0,1.5"], "each alpha must be in [0, 1], got 1.5"),
+                          (["--interpolate", a, b, "--alpha", "nan"], "each alpha must be in [0, 1], got nan"),
+                          (["--alpha", "0.5"], "--alpha weighs the two files of --interpolate"),
+                          (["--mix", a, b], "--mix A B and --mix-layers GROUPS go together"),
+                          (["--mix", a, b, "--mix-layers", "bottom"], "unknown group 'bottom'"),
+                          (["--mix", a, b, "--mix-layers", "coarse", "--shift", a], "give one way of combining")):
+        try:
+            code = sample.main(common + args + ["--output", str(tmp_path / "bad.png")])
+        except SystemExit as error:   # argparse's own refusals
+            code = error.code
+        assert code == 2
+        err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("usage")]
+        assert len(err) >= 1 and message in err[-1], err
+    save(tmp_path / "other.safetensors", {"unet.out.2": torch.zeros(4)}, "0" * 32)
+    assert sample.main(common + ["--interpolate", a, str(tmp_path / "other.safetensors"),
+                                 "--output", str(tmp_path / "bad.png")]) == 2
+    assert "another base model" in capsys.readouterr().err
