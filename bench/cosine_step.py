@@ -39,12 +39,12 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as root:
         for repeat in range(args.repeats):
             out = Path(root) / f"single-{repeat}"
-            single.main([*COMMON, "--steps", str(args.steps), "--prior-loss-weight", "0",
-                         "--output-dir", str(out)])
+            assert single.main([*COMMON, "--steps", str(args.steps), "--prior-loss-weight", "0",
+                                "--output-dir", str(out)]) == 0
             times["train.single"] += step_seconds(out)
             out = Path(root) / f"cosine-{repeat}"
-            cosine.main([*COMMON, "--steps", str(args.steps), "--edit", "a blue star on the left",
-                         "--num-images", "1", "--output-dir", str(out)])
+            assert cosine.main([*COMMON, "--steps", str(args.steps), "--edit", "a blue star on the left",
+                                "--num-images", "1", "--output-dir", str(out)]) == 0
             times["edit.cosine"] += step_seconds(out)
     medians = {name: statistics.median(values) for name, values in times.items()}
     for name, value in medians.items():

@@ -25,14 +25,16 @@ Compact parameter space for SINgle image Editing.
     python -m edit.cosine --image photo.jpg --prompt "a photo of a dog" \\
         --edit "a photo of a dog wearing a hat" --edit "a photo of a cat" --eta 0,0.5
     python -m edit.cosine --shift runs/cosine/spectral_shifts.safetensors --image photo.jpg \\
-        --prompt "a photo of a dog" --edit "a photo of a sitting dog" --slerp 0,0.3,0.6   # no fine-tune
+        --prompt "a photo of a dog" --edit "a photo of a sitting dog" --slerp 0,0.3,0.6 \\
+        --output-dir runs/dog-sitting                     # no fine-tune: the earlier one's shifts
 
 Writes to --output-dir the fine-tune's files (spectral_shifts.safetensors, log.csv, loss.png,
 samples/, checkpoint.pt: train/core.py keeps these books, --resume works as in train.single) and,
 per edit, edits/NN-<prompt>.png: one row per image of the seed's batch, columns the input as
-the model sees it, its reconstruction (the source prompt, eta 0, no slerp) and the sweep;
-edits/NN-<prompt>/*.png hold every image alone, each with its settings in the PNG's text
-chunks. Exit codes as train.single's: 0 done, 2 bad input (one line), 1 diverged, 130 Ctrl-C.
+the model sees it, the source prompt sampled from the same start (eta 0, no slerp: what the
+edits change, at the same guidance) and the sweep; edits/NN-<prompt>/*.png and
+edits/source-prompt-image-*.png hold every image alone, each with its settings in the PNG's
+text chunks. Exit codes as train.single's: 0 done, 2 bad input (one line), 1 diverged, 130 Ctrl-C.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import spectral
+from edit import cli
 from edit.grid import png_info, save_grid, to_pil
 from edit.shifts import apply_shifts
 from ldm import ddim
@@ -71,15 +74,17 @@ class CosineConfig(RunConfig):
                                 "example: 'a red star on the left')")
     edit: tuple[str, ...] | None = option(None, "a target prompt, repeatable: one grid each "
                                           "(default with the example: a color, a shape and a "
-                                          "position edit)")
+                                          "position edit)", same_on_resume=False)
     shift: str | None = option(None, "the shift file of an earlier fine-tune on this image and "
-                               "prompt: no fine-tune, only the edits", metavar="FILE")
+                               "prompt: no fine-tune, only the edits (default: none, fine-tune "
+                               "first)", metavar="FILE", same_on_resume=False)
     fit: str = option("crop", "how the image becomes the model's square: crop (its centre "
                       "square, scaled) or pad (the whole image, scaled, on its border's mean "
                       "color)", choices=("crop", "pad"))
     invert: bool | None = option(True, "start from the DDIM inversion of the image (guidance 1, "
                                  "under each target prompt, with the fine-tuned model); "
-                                 "--no-invert: from fresh noise (default: invert)")
+                                 "--no-invert: from fresh noise (default: invert)",
+                                 same_on_resume=False)
     eta: tuple[float, ...] = option((0.0,), "DDIM eta values to sweep, comma-separated: 0 "
                                     "deterministic, 1 DDPM-like noise at every step",
                                     minimum=0, maximum=1, same_on_resume=False)
@@ -106,6 +111,9 @@ def with_example(config: CosineConfig) -> CosineConfig:
     given, its prompt and edits."""
     if config.image is not None:
         return config
+    if config.prompt is not None:
+        raise DataError("--prompt describes your --image: give --image too (without it, the "
+                        "example scene is edited, with its own prompt)")
     return dataclasses.replace(config, image=str(Path(config.output_dir) / "input.png"),
                                prompt=config.prompt or toy.EXAMPLE.scene.caption,
                                edit=config.edit or toy.EXAMPLE.edits)
@@ -152,7 +160,7 @@ def read_image(path: str) -> Image.Image:
 def fit(image: Image.Image, size: int, how: str) -> Image.Image:
     """The size x size square the model takes: the centre square scaled ("crop"), or the whole
     image scaled to fit and centred on its border's mean color ("pad")."""
-    if min(image.size) < size:
+    if (min if how == "crop" else max)(image.size) < size:
         warn(f"--image is {image.size[0]}x{image.size[1]}, smaller than {size}: upscaled, expect blur")
     if how == "crop":
         image = data.resize_short_side(image, size)
@@ -185,12 +193,19 @@ def resolve(config: CosineConfig, model) -> CosineConfig:
 def check_outputs(config: CosineConfig, result_name: str | None) -> None:
     """Earlier edits in OUTPUT_DIR/edits are replaced only with --overwrite (or --resume, which
     makes them again); the fine-tune's files as train.single's."""
-    if not config.shift:
+    if config.shift:
+        try:
+            cli.check_output_dir(config.output_dir, (), True)   # a folder, or one to be made
+        except ValueError as error:
+            raise DataError(str(error)) from None
+    else:
         core.check_output_dir(config, result_name)
     edits = Path(config.output_dir) / "edits"
     if edits.is_dir() and any(edits.iterdir()) and not (config.overwrite or config.resume):
+        keep = "" if config.shift else (f" (--shift {Path(config.output_dir) / 'spectral_shifts.safetensors'} "
+                                        "--overwrite remakes only the edits)")
         raise DataError(f"--output-dir {config.output_dir} holds an earlier run's edits ({edits}); "
-                        "replace them with --overwrite")
+                        f"replace them with --overwrite{keep}")
 
 
 # ----------------------------------------------------------------------------- 1. the fine-tune
@@ -243,7 +258,7 @@ class Setting:
 
 
 def sweep(config: CosineConfig) -> list[Setting]:
-    return [Setting(eta, alpha) for alpha in config.slerp for eta in config.eta]
+    return [Setting(eta, alpha) for alpha in dict.fromkeys(config.slerp) for eta in dict.fromkeys(config.eta)]
 
 
 @torch.no_grad()
@@ -272,9 +287,10 @@ def slug(prompt: str) -> str:
 
 def write_edits(model, config: CosineConfig, image: Image.Image) -> list[Path]:
     """Per edit: the grid and each image alone (settings in the PNG text chunks); returns the
-    grids' paths. The reconstruction column: the source prompt, eta 0, no slerp."""
+    grids' paths. The second column is the source prompt from the same start (eta 0, no
+    slerp): what the edits change."""
     out = Path(config.output_dir) / "edits"
-    if config.overwrite:
+    if config.overwrite or config.resume:   # an earlier run's edits, checked for at the start
         for old in [*out.glob("*.png"), *out.glob("*/*.png")]:
             old.unlink()
     out.mkdir(parents=True, exist_ok=True)
@@ -282,26 +298,32 @@ def write_edits(model, config: CosineConfig, image: Image.Image) -> list[Path]:
     settings, n = sweep(config), config.num_images
     common = dict(invert=config.invert, num_images=n, seed=config.seed,
                   sample_steps=config.sample_steps, guidance=config.guidance)
-    with core.autocast(config, model.device):
-        reconstruction = model.decode(edit_latents(model, source, config.prompt, [Setting(0, 0)],
-                                                   **common)[:, 0])
     about = {"source_prompt": config.prompt, "model": config.model, "shift": config.shift or "",
              "method": config.method, "invert": config.invert, "seed": config.seed,
              "sample_steps": config.sample_steps, "guidance": config.guidance}
+
+    def sampled(prompt: str, columns: list[Setting]) -> list[list[Image.Image]]:
+        """[image j][column k] under `prompt`, decoded one column at a time (memory)."""
+        with core.autocast(config, model.device):
+            latents = edit_latents(model, source, prompt, columns, **common)
+        decoded = [to_pil(model.decode(latents[:, k])) for k in range(len(columns))]
+        return [[column[j] for column in decoded] for j in range(n)]
+
+    unedited = [row[0] for row in sampled(config.prompt, [Setting(0, 0)])]
+    for j, picture in enumerate(unedited):
+        picture.save(out / f"source-prompt-image-{j}.png",
+                     pnginfo=png_info({**about, "edit_prompt": "", "eta": 0, "slerp": 0, "image": j}))
+    start = "inversion" if config.invert else "fresh noise"
     input_image = to_pil(data.to_tensor(image)[None] / 2 + 0.5)[0]
     grids = []
     for number, prompt in enumerate(tqdm(config.edit, desc="edits"), 1):
-        with core.autocast(config, model.device):
-            latents = edit_latents(model, source, prompt, settings, **common)
-        edited = model.decode(latents.flatten(0, 1)).unflatten(0, latents.shape[:2]).cpu()
         name = f"{number:02d}-{slug(prompt)}"
         (out / name).mkdir(exist_ok=True)
         tiles, labels = [], []
-        for j in range(n):
-            tiles += [input_image, to_pil(reconstruction[j:j + 1])[0]]
-            labels += ["input", f"reconstruction: {config.prompt}"]
-            for k, setting in enumerate(settings):
-                picture = to_pil(edited[j, k:k + 1])[0]
+        for j, row in enumerate(sampled(prompt, settings)):
+            tiles += [input_image, unedited[j]]
+            labels += ["input", f"{config.prompt} | {start}, eta 0 (the source prompt)"]
+            for setting, picture in zip(settings, row):
                 file_name = re.sub(r"[^a-z0-9.]+", "-", setting.label(config.invert)) + f"-image-{j}.png"
                 picture.save(out / name / file_name, pnginfo=png_info(
                     {**about, "edit_prompt": prompt, "eta": setting.eta, "slerp": setting.slerp, "image": j}))
@@ -333,7 +355,12 @@ def edit(config: CosineConfig):
     else:
         fine_tune(model, config, fingerprint, image)
     model.unet.eval()
-    grids = write_edits(model, config, image)
+    try:
+        grids = write_edits(model, config, image)
+    except KeyboardInterrupt:
+        shifts = config.shift or Path(config.output_dir) / "spectral_shifts.safetensors"
+        redo = f"; make them again with --shift {shifts} --overwrite" if config.method == "spectral" else ""
+        raise core.Interrupted(f"interrupted while writing the edits (the fine-tune is done){redo}") from None
     for grid in grids:
         print(f"edit grid: {grid}")
     if config.eval_samples and example and core.is_toy_model(model):

@@ -158,6 +158,8 @@ def variants(model, args: argparse.Namespace) -> list[tuple[str, dict | None]]:
     if args.mix:
         chooser = layer_chooser(args.mix_layers, model.unet.config)
         first, second = read_deltas(model, args.mix)
+        if not any(chooser(name) for name in {**first, **second}):
+            raise ValueError(f"--mix-layers {args.mix_layers} names no layer of the files: all would come from B")
         return [(f"{args.mix_layers} from A", spectral.mix(first, second, chooser))]
     return [("", None)]
 

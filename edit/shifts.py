@@ -20,6 +20,8 @@ level 0 the finest; SD 1.5: L = 4, latents 64, 32, 16, 8; the bundled model: L =
     fine              input and output blocks at levels < L // 2, and unet.out
     cross-attention   every unet.*.attn2.* (where the text enters)
     text              the text encoder, text.*
+
+(unet.time_embed works at no resolution: it is in no group, so it comes from B unless named.)
 """
 
 import math

@@ -307,6 +307,10 @@ EDIT_COSINE = [         # edit.cosine: (flags after quick settings, message)
          "was trained on another base model", label="edit.cosine --shift FILE (of another base)"),
     case("edit.cosine", "--image {images}/0.png --edit 'a blue star'", 2,
          "--prompt: give the source prompt", label="edit.cosine --image without --prompt"),
+    case("edit.cosine", "--prompt 'a red star' --output-dir {root}/cosine", 2,
+         "--prompt describes your --image: give --image too", label="edit.cosine --prompt without --image"),
+    case("edit.cosine", f"{COSINE} --output-dir {{file}} --shift {{run}}/spectral_shifts.safetensors", 2,
+         "--output-dir {file}: is a file", label="edit.cosine --shift FILE --output-dir (a file)"),
 ]
 LDM_INFO = [           # ldm.info
     case("ldm.info", "", 2, "the following arguments are required: path"),

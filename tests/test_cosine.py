@@ -104,8 +104,9 @@ def test_inversion_then_sampling_returns_to_the_image_on_the_bundled_model(tmp_p
 # --- the sweep ------------------------------------------------------------------------------------
 
 def test_sweep_columns_start_where_the_formulas_say(files, tmp_path):
-    """slerp 0: sample(invert(z*, c')) recomputed here from ldm.ddim on the merged model;
-    slerp 1: the fresh-noise start of the same seed (--no-invert)."""
+    """slerp 0: sample(invert(z*, c')) recomputed here from ldm.ddim on the merged model, and the
+    source-prompt column likewise under the source prompt; slerp 1: the fresh-noise start of the
+    same seed (--no-invert)."""
     shift = f"{files['run']}/spectral_shifts.safetensors"
     sweep, fresh = tmp_path / "sweep", tmp_path / "fresh"
     assert cosine.main(argv(files, sweep, "--shift", shift, "--slerp", "0,1")) == 0
@@ -117,16 +118,19 @@ def test_sweep_columns_start_where_the_formulas_say(files, tmp_path):
     model = checkpoint.load(files["model"])
     apply_shifts(model, [(shift, 1.0)], cache_dir=files["cache"], progress=False)
     source = model.encode(data.to_tensor(Image.open(files["image"]).convert("RGB"))[None])
-    cond, uncond = model.encode_prompts([EDIT]), model.encode_prompts([""])
-    common = dict(schedule=model.schedule, steps=3, progress=False)
-    x_T = ddim.invert(model.denoise, source, cond, guidance=1.0, **common)
-    expected = model.decode(ddim.sample(model.denoise, x_T, cond, uncond, guidance=7.5, **common))
-    expected = (expected[0] * 255).round().permute(1, 2, 0).numpy()
-    for j in range(2):   # eta 0: every image of the batch is the same
-        assert np.abs(edit_image(sweep, f"inversion-eta-0-image-{j}.png") - expected).max() <= 1
+    for prompt, made in ((EDIT, lambda j: edit_image(sweep, f"inversion-eta-0-image-{j}.png")),
+                         (PROMPT, lambda j: np.asarray(Image.open(sweep / "edits" / f"source-prompt-image-{j}.png"),
+                                                       dtype=np.int16))):
+        cond, uncond = model.encode_prompts([prompt]), model.encode_prompts([""])
+        common = dict(schedule=model.schedule, steps=3, progress=False)
+        x_T = ddim.invert(model.denoise, source, cond, guidance=1.0, **common)
+        expected = model.decode(ddim.sample(model.denoise, x_T, cond, uncond, guidance=7.5, **common))
+        expected = (expected[0] * 255).round().permute(1, 2, 0).numpy()
+        for j in range(2):   # eta 0: every image of the batch is the same
+            assert np.abs(made(j) - expected).max() <= 1, prompt
 
 
-def test_the_grid_holds_input_reconstruction_and_sweep_with_their_settings(files, tmp_path):
+def test_the_grid_holds_input_source_prompt_and_sweep_with_their_settings(files, tmp_path):
     shift = f"{files['run']}/spectral_shifts.safetensors"
     out = tmp_path / "out"
     assert cosine.main(argv(files, out, "--shift", shift, "--eta", "0,1", "--slerp", "0,0.5")) == 0
@@ -140,8 +144,8 @@ def test_the_grid_holds_input_reconstruction_and_sweep_with_their_settings(files
     for row in range(rows):
         top = padding + round(row * cell)
         np.testing.assert_array_equal(pixels[top:top + tile:4, padding:padding + tile:4], photo)
-        reconstruction = pixels[top:top + tile:4, 2 * padding + tile:2 * padding + 2 * tile:4]
-        assert not np.array_equal(reconstruction, photo)     # sampled, not copied
+        unedited = pixels[top:top + tile:4, 2 * padding + tile:2 * padding + 2 * tile:4]
+        np.testing.assert_array_equal(unedited, np.asarray(Image.open(out / "edits" / f"source-prompt-image-{row}.png")))
     files_written = sorted(p.name for p in (out / "edits" / "01-a-blue-star").iterdir())
     assert len(files_written) == 4 * 2
     for name in files_written:

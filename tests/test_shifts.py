@@ -156,7 +156,10 @@ def test_named_groups_hold_the_layers_their_documentation_says():
                               or (n.startswith("unet.output_blocks.") and block(n) >= 6)
                               or n.startswith("unet.out.")}
     assert chosen("cross-attention") == {n for n in names if ".attn2." in n} and len(chosen("cross-attention")) == 16 * 4
-    assert chosen("up,mid") == chosen("up") | chosen("mid")
+    assert chosen("up,mid") == {n for n in names if n.startswith(("unet.output_blocks.", "unet.middle_block."))}
+    assert not any(chosen(group) & {"unet.time_embed.0", "unet.time_embed.2"} for group in ("coarse", "fine"))
+    text = ["text.transformer.encoder.layers.0.self_attn.q_proj", "text.transformer.final_layer_norm"]
+    assert all(layer_chooser("text", config)(n) for n in text) and not chosen("text")
     assert chosen("unet.output_blocks.1*") == {n for n in names if n.startswith("unet.output_blocks.1")}
     with pytest.raises(ValueError, match="unknown group 'middle'"):
         layer_chooser("middle", config)
@@ -204,6 +207,7 @@ def test_cli_interpolate_and_mix(tmp_path, monkeypatch, capsys):
                           (["--alpha", "0.5"], "--alpha weighs the two files of --interpolate"),
                           (["--mix", a, b], "--mix A B and --mix-layers GROUPS go together"),
                           (["--mix", a, b, "--mix-layers", "bottom"], "unknown group 'bottom'"),
+                          (["--mix", a, b, "--mix-layers", "unet.output_blocks"], "names no layer of the files"),
                           (["--mix", a, b, "--mix-layers", "coarse", "--shift", a], "give one way of combining")):
         try:
             code = sample.main(common + args + ["--output", str(tmp_path / "bad.png")])

@@ -58,7 +58,8 @@ def _help(f: dataclasses.Field) -> str:
     text = f.metadata["help"]
     if "default" in text or f.default is False:
         return text.replace("%", "%%")
-    return f"{text} (default: {f.default})".replace("%", "%%")
+    default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+    return f"{text} (default: {default})".replace("%", "%%")
 
 
 def build_parser(config_class, prog: str, description: str) -> argparse.ArgumentParser:
@@ -171,8 +172,9 @@ class RunConfig:
     lr_1d: float = option(1e-6, "learning rate of the norm-scale shifts", minimum=0)
     steps: int = option(500, "optimizer steps (a resumed run may be given more)", minimum=1,
                         same_on_resume=False)
-    batch_size: int | None = option(None, "instance images per step (as many prior images "
-                                    "again); default: 4, 8 for the bundled tiny model", minimum=1)
+    batch_size: int | None = option(None, "images per step (with prior preservation, as many "
+                                    "prior images again); default: 4, 8 for the bundled tiny "
+                                    "model", minimum=1)
     resolution: int | None = option(None, "training image size; default: the model's (32 for the "
                                     "bundled model, 512 for SD 1.x)", minimum=1)
     seed: int = option(0, "seeds data order, augmentation, t, noise and samples", minimum=0,
@@ -181,8 +183,9 @@ class RunConfig:
                                   "optimizer stay fp32", choices=("no", "fp16", "bf16"))
     gradient_checkpointing: bool = option(False, "recompute UNet activations in backward: less "
                                           "memory, ~30% more time")
-    cache_latents: bool = option(False, "encode each image once (centre crop and mirror) "
-                                 "instead of every step; turns off the random crop")
+    cache_latents: bool = option(False, "encode each image once (centre crop, and its mirror "
+                                 "where the trainer mirrors) instead of every step; turns off "
+                                 "the random crop")
     # samples and saves
     validation_prompt: tuple[str, ...] | None = option(
         None, "prompt for the sample grids, repeatable; default: the run's own prompts",
@@ -190,7 +193,8 @@ class RunConfig:
     validation_every: int = option(100, "sample grid every N steps (also before and after "
                                    "training); 0: before and after only", minimum=0,
                                    same_on_resume=False)
-    sample_steps: int = option(25, "DDIM steps for class images, grids, evaluation", minimum=1,
+    sample_steps: int = option(25, "DDIM steps for class images, grids, evaluation (and "
+                               "edit.cosine's inversion and edits)", minimum=1,
                                maximum=999,
                                same_on_resume=False)
     guidance: float | None = option(None, "classifier-free guidance scale for sampling; default: "
