@@ -85,7 +85,8 @@ class CosineConfig(RunConfig):
                                  "under each target prompt, with the fine-tuned model); "
                                  "--no-invert: from fresh noise (default: invert)",
                                  same_on_resume=False)
-    eta: tuple[float, ...] = option((0.0,), "DDIM eta values to sweep, comma-separated: 0 "
+    # the default pair shows both: on the bundled model a color edit needs eta 0.5 (README)
+    eta: tuple[float, ...] = option((0.0, 0.5), "DDIM eta values to sweep, comma-separated: 0 "
                                     "deterministic, 1 DDPM-like noise at every step",
                                     minimum=0, maximum=1, same_on_resume=False)
     slerp: tuple[float, ...] = option((0.0,), "slerp alphas to sweep, comma-separated: the "
