@@ -78,13 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "once (WEIGHT default 1; 0.5 + 0.5 interpolates)")
     model.add_argument("--interpolate", nargs=2, metavar=("A", "B"),
                        help="two shift files: one grid row per --alpha, ReLU(sigma + alpha "
-                            "delta_A + (1 - alpha) delta_B)")
+                            "delta_A + (1 - alpha) delta_B) (default: none)")
     model.add_argument("--alpha", type=alphas, metavar="X,X,...",
                        help="with --interpolate: the weights of A, each in [0, 1] "
                             f"(default: {','.join(f'{a:g}' for a in ALPHAS)})")
     model.add_argument("--mix", nargs=2, metavar=("A", "B"),
                        help="two shift files: the layers --mix-layers names from A, every "
-                            "other layer from B (style mixing)")
+                            "other layer from B (style mixing; default: none)")
     model.add_argument("--mix-layers", metavar="GROUPS",
                        help=f"with --mix: comma-separated groups ({', '.join(GROUPS)}; see "
                             "edit/shifts.py for their layers) or globs over layer names, e.g. "
