@@ -13,7 +13,7 @@ AdamW step):
     mkshing      mkshing/svdiff-pytorch's layer classes (their layers.py, imported by path)
                  swapped in for the same layers: W rebuilt with autograd in every forward
                  (their U, S, Vh are filled from our SVD cache rather than recomputed)
-    LoRA r=4     rank-4 adapters on the attention projections q, k, v, out
+    LoRA r=4     rank-4 adapters on the attention projections q, k, v, out (train/lora.py)
 
 Times are medians of interleaved repeats (the variants take turns, so a busy machine slows
 them alike) of the CPU time a step uses (time.process_time), which other processes on a shared
@@ -64,7 +64,8 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import spectral  # noqa: E402
 from spectral.cache import Factors, SVDCache, svd_key  # noqa: E402
-from ldm.unet import (Attention, Block, Downsample, ResBlock, SpatialTransformer, UNetConfig,  # noqa: E402
+from train import lora  # noqa: E402
+from ldm.unet import (Block, Downsample, ResBlock, SpatialTransformer, UNetConfig,  # noqa: E402
                       UNetModel)
 
 VARIANTS = ["frozen base", "ours", "mkshing", "LoRA r=4"]
@@ -190,27 +191,6 @@ def to_mkshing(model: nn.Module, cache_dir) -> None:
             setattr(parent, name, new)
 
 
-class LoRA(nn.Module):
-    """y = base(x) + up(down(x)): down (r, n) random, up (m, r) zero, base frozen."""
-
-    def __init__(self, base: nn.Linear, rank: int = 4):
-        super().__init__()
-        self.base = base
-        self.down = nn.Linear(base.in_features, rank, bias=False)
-        self.up = nn.Linear(rank, base.out_features, bias=False)
-        nn.init.zeros_(self.up.weight)
-
-    def forward(self, x):
-        return self.base(x) + self.up(self.down(x))
-
-
-def to_lora(model: nn.Module) -> None:
-    for m in list(model.modules()):
-        if isinstance(m, Attention):
-            m.to_q, m.to_k, m.to_v = LoRA(m.to_q), LoRA(m.to_k), LoRA(m.to_v)
-            m.to_out[0] = LoRA(m.to_out[0])
-
-
 def build(variant: str, plain: nn.Module, factors: dict[str, Factors] | None, args
           ) -> tuple[nn.Module, torch.optim.Optimizer | None]:
     """The variant and its optimizer (None for the frozen base, which is `plain` itself); ours
@@ -226,7 +206,7 @@ def build(variant: str, plain: nn.Module, factors: dict[str, Factors] | None, ar
     if variant == "mkshing":
         to_mkshing(model, args.cache_dir)
     else:
-        to_lora(model)
+        lora.attach(model, rank=4, targets=lora.UNET_TARGETS)   # the project's one LoRA
     return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 
 

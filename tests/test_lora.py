@@ -1,0 +1,77 @@
+"""train/lora.py, the LoRA baseline's layers: an untrained adapter is the base model, merged
+equals unmerged, and the file's diffusers names put each update on the same layer of diffusers'
+own UNet2DConditionModel (the oracle: its output with the updates added by name equals ours)."""
+
+import pytest
+import torch
+
+from oracle import diffusers_unet
+from tiny import UNET, one_thread, tiny_model  # noqa: F401 (one_thread: autouse fixture)
+from train import lora
+
+
+def unet_output(unet, context_dim=64):
+    g = torch.Generator().manual_seed(3)
+    x, context = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, context_dim, generator=g)
+    with torch.no_grad():
+        return unet(x, torch.tensor([10, 700]), context)
+
+
+def with_random_updates(layers, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.lora_B.copy_(0.05 * torch.randn(layer.lora_B.shape, generator=g))
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_untrained_adapters_are_the_base_and_merged_equals_unmerged(family):
+    model = tiny_model(family)
+    before = unet_output(model.unet)
+    layers = lora.attach(model.unet, rank=4, targets=lora.UNET_TARGETS)
+    transformers = sum(1 for name, _ in model.unet.named_modules() if name.endswith("attn1"))
+    assert len(layers) == 8 * transformers                      # q, k, v, out of attn1 and attn2
+    assert torch.equal(unet_output(model.unet), before)         # B = 0
+    assert {p for p in model.unet.parameters() if p.requires_grad} == \
+        {p for layer in layers.values() for p in (layer.lora_A, layer.lora_B)}
+    with_random_updates(layers)
+    unmerged = unet_output(model.unet)
+    assert (unmerged - before).abs().max() > 1e-3
+    lora.merge(model.unet)
+    assert not any(isinstance(m, lora.LoRALinear) for m in model.unet.modules())
+    torch.testing.assert_close(unet_output(model.unet), unmerged, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_file_names_are_diffusers_names_of_the_same_layers(family):
+    model = tiny_model(family)
+    theirs = diffusers_unet(model.unet)
+    layers = lora.attach(model.unet, rank=2, targets=lora.UNET_TARGETS)
+    with_random_updates(layers)
+    tensors = lora.state_dict({"unet": layers}, UNET[family])
+    modules = dict(theirs.named_modules())
+    with torch.no_grad():
+        for name, A in tensors.items():
+            if name.endswith(".lora_A.weight"):
+                prefix = name[:-len(".lora_A.weight")]
+                assert lora.our_name(prefix, UNET[family])[1] in layers     # the names go back
+                B = tensors[prefix + ".lora_B.weight"]
+                modules[prefix[len("unet."):]].weight += B @ A
+    lora.merge(model.unet)
+    torch.testing.assert_close(theirs(*unet_inputs(), return_dict=False)[0],
+                               unet_output(model.unet), rtol=1e-4, atol=1e-4)
+
+
+def unet_inputs():
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(2, 4, 16, 16, generator=g), torch.tensor([10, 700]), torch.randn(2, 77, 64, generator=g)
+
+
+def test_text_encoder_names():
+    model = tiny_model("sd1")
+    layers = lora.attach(model.text_encoder, rank=2, targets=lora.TEXT_TARGETS)
+    names = lora.state_dict({"text": layers}, UNET["sd1"])
+    assert "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight" in names
+    assert len(names) == 2 * 4 * len(model.text_encoder.transformer.encoder.layers)
+    assert lora.our_name("text_encoder.text_model.encoder.layers.0.self_attn.q_proj", UNET["sd1"]) == \
+        ("text", "transformer.encoder.layers.0.self_attn.q_proj")
