@@ -95,7 +95,23 @@ def main(argv=None) -> int:
               f"{megabytes(c['matrices'] + c['norm_vectors']):6.2f}   {c['norm_scalars']:12,d} "
               f"{megabytes(c['matrices'] + c['norm_scalars']):6.2f}")
     print(f"shift file for both, full-vector norms: {file_megabytes(models):.2f} MB")
+    print_lora(models)
     return 0
+
+
+LORA_RANKS = (1, 4, 16)
+
+
+def print_lora(models: dict[str, nn.Module]) -> None:
+    """For comparison: LoRA (train/lora.py: the attention projections diffusers' DreamBooth-LoRA
+    trainer adapts) at the ranks of the paper's comparison, float32 values."""
+    from train import lora   # the baseline, not the method: only for this comparison
+    targets = {"UNet": lora.UNET_TARGETS, "text encoder": lora.TEXT_TARGETS}
+    print("LoRA for comparison (attention projections; float32 MB)")
+    for rank in LORA_RANKS:
+        values = {name: lora.count(model, rank, targets[name]) for name, model in models.items()}
+        print(f"  rank {rank:2d}: UNet {values['UNet']:10,d} values {megabytes(values['UNet']):6.2f} MB, "
+              f"+ text encoder {megabytes(sum(values.values())):6.2f} MB")
 
 
 if __name__ == "__main__":

@@ -75,3 +75,16 @@ def test_text_encoder_names():
     assert len(names) == 2 * 4 * len(model.text_encoder.transformer.encoder.layers)
     assert lora.our_name("text_encoder.text_model.encoder.layers.0.self_attn.q_proj", UNET["sd1"]) == \
         ("text", "transformer.encoder.layers.0.self_attn.q_proj")
+
+
+def test_count_on_sd15_is_the_attention_projections_by_hand():
+    """Per SD 1.5 transformer block of width c (context 768): attn1 q, k, v, out are c x c,
+    attn2 q and out c x c, k and v c x 768: r (14 c + 1536) values. Blocks: 5 at 320, 5 at 640,
+    6 at 1280 (2 down, 3 up per level; the middle block at 1280)."""
+    from ldm.unet import UNetConfig, UNetModel
+    with torch.device("meta"):
+        unet = UNetModel(UNetConfig.sd15())
+    by_hand = sum(blocks * (14 * c + 1536) for c, blocks in ((320, 5), (640, 5), (1280, 6)))
+    for rank in (1, 4, 16):
+        assert lora.count(unet, rank, lora.UNET_TARGETS) == rank * by_hand
+    assert by_hand * 4 * 4 / 1e6 == pytest.approx(3.19, abs=0.005)   # rank 4, float32: 3.19 MB

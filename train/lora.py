@@ -56,6 +56,13 @@ class LoRALinear(nn.Module):
         return self.base
 
 
+def count(model: nn.Module, rank: int, targets: re.Pattern) -> int:
+    """Trained values of rank-`rank` adapters on `model`'s layers matching `targets`: r (m + n)
+    per Linear (m, n). Works on meta-device models."""
+    return sum(rank * (module.in_features + module.out_features) for path, module in model.named_modules()
+               if type(module) is nn.Linear and targets.search("." + path))
+
+
 def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     parent, _, name = path.rpartition(".")
     return (model.get_submodule(parent) if parent else model), name
