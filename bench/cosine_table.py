@@ -81,10 +81,9 @@ def judge_edits(model, config, scene, prompts, source, image_reader, seed, with_
             latents = cosine.edit_latents(model, source, prompt, settings, invert, 1, seed,
                                           config.sample_steps, config.guidance)[0]
             images = model.decode(latents)
-            for setting, reading, background in zip(settings, reader.read(images, image_reader),
-                                                    edits.backgrounds(images)):
-                verdict = edits.judge(scene.caption, prompt, reading, scene.background, background)
-                rows.append({"kind": kind, "setting": setting.label(invert), **verdict})
+            verdicts = edits.judge(scene.caption, prompt, images, scene.background, image_reader)
+            rows += [{"kind": kind, "setting": setting.label(invert), **verdict}
+                     for setting, verdict in zip(settings, verdicts)]
     return rows
 
 

@@ -77,3 +77,15 @@ def usage_errors(parser: argparse.ArgumentParser):
         yield
     except ValueError as error:
         parser.error(str(error))
+
+
+def numbers(kind: type):
+    """An argparse type for a comma-separated list: '2,2,2' -> (2, 2, 2), '0,0.5' -> (0.0, 0.5)."""
+    what = "whole numbers" if kind is int else "numbers"
+
+    def parse_list(text: str) -> tuple:
+        try:
+            return tuple(kind(value) for value in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what} separated by commas, got {text!r}") from None
+    return parse_list

@@ -379,14 +379,13 @@ def measure_example(model, config: CosineConfig, image: Image.Image) -> str:
     background = toy.backgrounds(np.asarray(image)[None])[0]
     lines = [f"reader, {config.eval_samples} images per edit and setting: edit taken / rest of the "
              "object kept / background kept"]
+    settings = sweep(config)
     for prompt in config.edit:
-        latents = edit_latents(model, source, prompt, sweep(config), config.invert, config.eval_samples,
+        latents = edit_latents(model, source, prompt, settings, config.invert, config.eval_samples,
                                config.seed + 1, config.sample_steps, config.guidance)
         cells = []
-        for k, setting in enumerate(sweep(config)):
-            images = model.decode(latents[:, k])
-            verdicts = [toy.judge(config.prompt, prompt, reading, background, after) for reading, after
-                        in zip(toy_reader.read(images, image_reader), toy.backgrounds(images))]
+        for k, setting in enumerate(settings):
+            verdicts = toy.judge(config.prompt, prompt, model.decode(latents[:, k]), background, image_reader)
             shares = [np.mean([v[key] for v in verdicts]) for key in ("success", "preserved", "background")]
             cells.append(f"{setting.label(config.invert)}: " + " / ".join(f"{x:.0%}" for x in shares))
         lines.append(f"  {prompt}: " + "; ".join(cells))

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from edit.cli import check_output_dir, check_output_file, check_range
+from edit.cli import check_output_dir, check_output_file, check_range, numbers
 from edit.grid import save_grid
 import spectral
 from edit.shifts import GROUPS, apply_deltas, combined_deltas, layer_chooser, parse_shift, read_deltas
@@ -47,10 +47,7 @@ ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 def alphas(text: str) -> tuple[float, ...]:
     """--alpha 0,0.5,1 -> (0.0, 0.5, 1.0), each a number in [0, 1]."""
-    try:
-        values = tuple(float(value) for value in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+    values = numbers(float)(text)
     for value in values:
         if not 0 <= value <= 1:   # nan fails this too
             raise argparse.ArgumentTypeError(f"each alpha must be in [0, 1], got {value}")

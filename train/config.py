@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from edit.cli import check_output_dir, check_range, usage_errors
+from edit.cli import check_output_dir, check_range, numbers, usage_errors
 from ldm.checkpoint import DEFAULT_MODEL
 from ldm.model import usable_device
 from ldm.schedule import PREDICTION_TYPES
@@ -89,18 +89,6 @@ def build_parser(config_class, prog: str, description: str) -> argparse.Argument
             kwargs.update(choices=meta["choices"], metavar=None)
         parser.add_argument(flag(f.name), **{k: v for k, v in kwargs.items() if v is not None})
     return parser
-
-
-def numbers(kind: type):
-    """An argparse type for a comma-separated list: '2,2,2' -> (2, 2, 2), '0,0.5' -> (0.0, 0.5)."""
-    what = "whole numbers" if kind is int else "numbers"
-
-    def parse_list(text: str) -> tuple:
-        try:
-            return tuple(kind(value) for value in text.split(","))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what} separated by commas, got {text!r}") from None
-    return parse_list
 
 
 def check(parser: argparse.ArgumentParser, config) -> None:

@@ -6,8 +6,8 @@ from here and treats it like a user's photo:
     EXAMPLE                          "a red star on the left" -> a color, a shape and a position edit
     write_example(path)              its scene as a PNG, read back like anyone's image
     random_edits(n, seed)            n random scenes, each with a color, a shape and a position edit
-    judge(source, edit, readings, before, after)
-                                     did the edit take, was the rest kept, was the background kept
+    judge(source, edit, images, background)
+                                     per image: did the edit take, was the rest kept, and the background
 
 Ground truth: a toy prompt names every attribute of its one object ("a red star on the left"),
 so an edit prompt differs from the source prompt in exactly one attribute, and the image reader
@@ -89,16 +89,19 @@ def backgrounds(images) -> list[str]:
     return [names[i] for i in nearest]
 
 
-def judge(source_prompt: str, edit_prompt: str, reading: list[dict], background_before: str,
-          background_after: str) -> dict:
-    """One edited image, as the reader sees it (`reading`: reader.read's objects):
+def judge(source_prompt: str, edit_prompt: str, images, background_before: str, image_reader=None) -> list[dict]:
+    """Edited images (see `backgrounds`), one verdict each, as the reader sees them:
         success     the one object drawn has the attribute(s) the edit changed at their new values
         preserved   it has every other attribute of the source (a color edit keeps shape and place)
         background  the background is the source image's
     """
     before, wanted = reader.parse(source_prompt)[0], reader.parse(edit_prompt)[0]
     changed = [a for a in ATTRIBUTES if before[a] != wanted[a]]
-    seen = reading[0] if len(reading) == 1 else None
-    return {"success": seen is not None and all(seen[a] == wanted[a] for a in changed),
-            "preserved": seen is not None and all(seen[a] == wanted[a] for a in ATTRIBUTES if a not in changed),
-            "background": background_after == background_before}
+    verdicts = []
+    for reading, background in zip(reader.read(images, image_reader), backgrounds(images)):
+        seen = reading[0] if len(reading) == 1 else None
+        verdicts.append({"success": seen is not None and all(seen[a] == wanted[a] for a in changed),
+                         "preserved": seen is not None and all(seen[a] == wanted[a] for a in ATTRIBUTES
+                                                               if a not in changed),
+                         "background": background == background_before})
+    return verdicts
