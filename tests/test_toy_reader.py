@@ -47,8 +47,8 @@ def test_fidelity_and_drift_on_renders():
     plain = np.stack([world.render(world.sample_scene(rng, p_two=0.0)) for _ in range(60)])
     other = np.stack([world.render(world.subject_scene("checker_star", rng)) for _ in range(60)])
     assert subject_fidelity(read(shown), subject.name) >= 0.95
-    assert prior_drift(read(plain), subject.name) <= 0.05
-    assert prior_drift(read(other), subject.name) <= 0.05          # the other star is not it
+    assert prior_drift(read(plain), subject.name, read(plain)) <= 0.05
+    assert prior_drift(read(other), subject.name, read(plain)) <= 0.05    # the other star is not it
 
 
 def test_hybrid_patterns_read_as_other():

@@ -31,33 +31,46 @@ def test_instance_images_are_the_renders_train_single_used(tmp_path):
 
 
 def test_measure_counts_what_the_reader_sees():
-    """Instance prompts get renders of the subject, class prompts plain stars but for one
-    subject among 8: fidelity 1, drift 1/8, prompts placed in turn, both sets seeded alike."""
+    """Instance prompts get renders of the subject; class prompts get plain stars but for one
+    subject among 8 and, for the trained model, two stars in the subject's orange where the base
+    model drew one: fidelity 1, drift 1/8 (the pattern) + 1/8 (the rise in its colors); prompts
+    placed in turn, every set seeded alike. With the base model drawing more of its colors than
+    the trained one, only the pattern counts."""
     rng = np.random.default_rng(0)
     asked = []
 
+    def star(color):
+        return world.Scene((world.Object("star", "center", 16, 16, 14, color=color),), "white", "")
+
     class FakeModel:  # hands out renders, as floats in [0, 1] like StableDiffusion.generate
+        def __init__(self, orange):
+            self.orange = orange
+
         def generate(self, prompts, steps, guidance, seed, progress, batch_size):
             asked.append((list(prompts), steps, guidance, seed))
-            return torch.from_numpy(render(prompts)).permute(0, 3, 1, 2).float() / 255
+            return torch.from_numpy(self.render(prompts)).permute(0, 3, 1, 2).float() / 255
 
-    def render(prompts):
-        if "sks" in prompts[0]:
-            scenes = [world.subject_scene("striped_star", rng) for _ in prompts]
-        else:
-            scenes = [world.subject_scene("striped_star", rng) if i == 3 else
-                      world.Scene((world.Object("star", "center", 16, 16, 14, color="red"),),
-                                  "white", "a red star") for i in range(len(prompts))]
-        return np.stack([world.render(s) for s in scenes])
+        def render(self, prompts):
+            if "sks" in prompts[0]:
+                scenes = [world.subject_scene("striped_star", rng) for _ in prompts]
+            else:
+                scenes = [world.subject_scene("striped_star", rng) if i == 3 and self.orange > 1 else
+                          star("orange" if i in (5, 6)[:self.orange] else "red") for i in range(len(prompts))]
+            return np.stack([world.render(s) for s in scenes])
 
-    fidelity, drift = subjects.measure(FakeModel(), "striped_star", "a sks star", "a star", samples=8,
-                                       sample_steps=7, guidance=3.0, seed=5)
-    assert (fidelity, drift) == (1.0, 1 / 8)
-    assert asked[0][0] == ["a sks star", "a sks star on the left", "a sks star in the center",
+    base = subjects.class_readings(FakeModel(orange=1), "a star", 8, sample_steps=7, guidance=3.0, seed=5)
+    fidelity, drift = subjects.measure(FakeModel(orange=2), "striped_star", "a sks star", "a star", samples=8,
+                                       sample_steps=7, guidance=3.0, seed=5, base_readings=base)
+    assert (fidelity, drift) == (1.0, 2 / 8)
+    assert asked[1][0] == ["a sks star", "a sks star on the left", "a sks star in the center",
                            "a sks star on the right"] * 2
-    assert asked[1][0][:4] == ["a star", "a star on the left", "a star in the center",
-                               "a star on the right"]
-    assert [a[1:] for a in asked] == [(7, 3.0, 5)] * 2
+    assert asked[0][0] == asked[2][0] and asked[0][0][:4] == ["a star", "a star on the left",
+                                                              "a star in the center", "a star on the right"]
+    assert [a[1:] for a in asked] == [(7, 3.0, 5)] * 3
+    more_orange = subjects.class_readings(FakeModel(orange=2), "a star", 8, 7, 3.0, 5)
+    _, drift = subjects.measure(FakeModel(orange=1), "striped_star", "a sks star", "a star", 8, 7, 3.0, 5,
+                                base_readings=more_orange)
+    assert drift == 0.0
 
 
 def test_pair_prompts_cycle_every_pair_in_both_orders_and_every_unplaced_phrasing():

@@ -183,6 +183,10 @@ def train(config: SingleConfig):
     if config.cache_latents:
         for images in image_sets:
             images.build_cache(encode)
+    measuring = config.eval_samples and example and core.is_toy_model(model)
+    if measuring:   # the base model's class images: what the drift is measured against
+        base_readings = subjects.class_readings(model, config.class_prompt, config.eval_samples,
+                                                config.sample_steps, config.guidance, config.seed + 1)
     trainable = METHODS[config.method](model, config.train_text_encoder, config.svd_cache)
     prompts = [config.instance_prompt, config.class_prompt][:len(image_sets)]
     B, device, scale = config.batch_size, model.device, model.vae.config.scale_factor
@@ -207,12 +211,14 @@ def train(config: SingleConfig):
             run.step(step, loss, instance_loss=instance_loss, prior_loss=prior_loss)
         run.finish()
 
-    if config.eval_samples and example and core.is_toy_model(model):
+    if measuring:
         fidelity, drift = subjects.measure(model, subjects.EXAMPLE.subject, config.instance_prompt,
                                            config.class_prompt, config.eval_samples,
-                                           config.sample_steps, config.guidance, config.seed + 1)
+                                           config.sample_steps, config.guidance, config.seed + 1,
+                                           base_readings)
         print(f"subject fidelity {fidelity:.0%} ('{config.instance_prompt}' shows the subject), "
-              f"prior drift {drift:.0%} ('{config.class_prompt}' shows it), "
+              f"prior drift {drift:.0%} ('{config.class_prompt}' shows it, or its colors more "
+              "often than the base model), "
               f"{config.eval_samples} samples each")
     return model
 

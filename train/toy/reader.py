@@ -249,9 +249,21 @@ def subject_fidelity(readings, subject):
     return float(np.mean([any(o["pattern"] == subject for o in r) for r in readings]))
 
 
-def prior_drift(readings, subject):
-    """Share of class-prompt images ("a star") that show `subject` anyway."""
-    return subject_fidelity(readings, subject)
+def in_subject_colors(readings, subject):
+    """Share of images with a plain object in one of `subject`'s colors and no `subject`
+    (for the sks star: a plain orange or purple object)."""
+    colors = world.SUBJECTS[subject].colors
+    return float(np.mean([not any(o["pattern"] == subject for o in r) and
+                          any(o["color"] in colors for o in r) for r in readings]))
+
+
+def prior_drift(readings, subject, base_readings):
+    """How far class-prompt images ("a star") moved toward `subject`: the share that show it
+    (its pattern), plus the rise over the base model's images of the same prompts and seeds
+    (`base_readings`) in the share of plain objects in its colors. The base model draws the
+    subject's colors by chance (2 of the 6 colors for the sks star), so only the rise counts."""
+    rise = in_subject_colors(readings, subject) - in_subject_colors(base_readings, subject)
+    return subject_fidelity(readings, subject) + max(0.0, rise)
 
 
 # ---------------------------------------------------------------- the quality bar

@@ -6,6 +6,8 @@ of their own, it takes the example from here and treats it like a user's subject
     EXAMPLE                                  the striped star, "a sks star" / "a star"
     write_instance_images(subject, folder)   its 5 "photos" as PNG files, which the trainer then
                                              reads back like a user's photos
+    class_readings(model, ...)               the base model's class images, as the reader sees
+                                             them: the reference of the drift
     measure(model, subject, ...)             subject fidelity and prior drift of a trained model,
                                              as the image reader (reader.py) sees them
 """
@@ -45,20 +47,31 @@ def write_instance_images(subject, directory, positions=POSITIONS):
     return directory
 
 
-def measure(model, subject, instance_prompt, class_prompt, samples, sample_steps, guidance, seed):
+def placed(prompt, samples):
+    """`samples` copies of `prompt`, cycling through PLACES."""
+    return [prompt + PLACES[i % len(PLACES)] for i in range(samples)]
+
+
+def class_readings(model, class_prompt, samples, sample_steps, guidance, seed):
+    """The reader's view of `samples` images of the class prompt (+ PLACES): taken of the base
+    model before training, the reference `measure` compares the trained model's drift with."""
+    images = model.generate(placed(class_prompt, samples), steps=sample_steps, guidance=guidance,
+                            seed=seed, progress=False, batch_size=50)
+    return reader.read(images, reader.load_reader())
+
+
+def measure(model, subject, instance_prompt, class_prompt, samples, sample_steps, guidance, seed,
+            base_readings):
     """(subject fidelity, prior drift) of a StableDiffusion `model`, each a share in [0, 1]:
     of `samples` images generated from the instance prompt, those the reader sees showing
-    `subject` (any slot); of as many from the class prompt, those showing it all the same.
+    `subject` (any slot); of as many from the class prompt, reader.prior_drift against the
+    base model's `base_readings` of the same prompts (class_readings, same arguments).
     Both sets are sampled with DDIM (`sample_steps`, `guidance`) from generator seed `seed`."""
-    image_reader = reader.load_reader()
-    shares = []
-    for prompt, share in ((instance_prompt, reader.subject_fidelity),
-                          (class_prompt, reader.prior_drift)):
-        prompts = [prompt + PLACES[i % len(PLACES)] for i in range(samples)]
-        images = model.generate(prompts, steps=sample_steps, guidance=guidance, seed=seed,
-                                progress=False, batch_size=50)
-        shares.append(share(reader.read(images, image_reader), subject))
-    return tuple(shares)
+    images = model.generate(placed(instance_prompt, samples), steps=sample_steps, guidance=guidance,
+                            seed=seed, progress=False, batch_size=50)
+    fidelity = reader.subject_fidelity(reader.read(images, reader.load_reader()), subject)
+    readings = class_readings(model, class_prompt, samples, sample_steps, guidance, seed)
+    return fidelity, reader.prior_drift(readings, subject, base_readings)
 
 
 # ------------------------------------------------------------------- several subjects (train.multi)
@@ -101,11 +114,11 @@ def measure_subjects(model, subjects, samples, sample_steps, guidance, seed):
     together = np.mean([reader.match(reader.parse(p), r)["objects"] for p, r in zip(prompts, readings)])
     asked = [[names[s] for s in names if s in p] for p in prompts]
     mixing = np.mean([mixed(r, a) for r, a in zip(readings, asked)])
-    alone = np.mean([reader.subject_fidelity(read([prompt + PLACES[i % len(PLACES)] for i in range(samples)]), name)
+    alone = np.mean([reader.subject_fidelity(read(placed(prompt, samples)), name)
                      for name, prompt, _ in subjects])
     drift = []
     for class_prompt in dict.fromkeys(c for _, _, c in subjects):
-        for r in read([class_prompt + PLACES[i % len(PLACES)] for i in range(samples)]):
+        for r in read(placed(class_prompt, samples)):
             drift.append(any(o["pattern"] != "plain" for o in r))
     return {"together": float(together), "mixing": float(mixing), "alone": float(alone),
             "drift": float(np.mean(drift))}
