@@ -62,7 +62,7 @@ from train.data import DataError, warn
 from train.single import diffusion_loss
 from train.toy import edits as toy
 from train.toy import reader as toy_reader
-from train.trainable import METHODS
+from train.trainable import METHODS, make_trainable
 
 
 @dataclass(frozen=True)
@@ -214,7 +214,7 @@ def check_outputs(config: CosineConfig, result_name: str | None) -> None:
 def fine_tune(model, config: CosineConfig, fingerprint: str, image: Image.Image) -> None:
     """Train config.method on (image, config.prompt) with no prior loss; the result is saved
     (train/core.py) and merged into the model's weights."""
-    trainable = METHODS[config.method](model, config.train_text_encoder, config.svd_cache)
+    trainable = make_trainable(model, config)
     images = data.ImageSet([image], config.resolution, augment=False)
     encode = core.vae_moments(model)
     if config.cache_latents:

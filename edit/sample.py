@@ -6,6 +6,7 @@
     python -m edit.sample --shift runs/single/spectral_shifts.safetensors --prompt "a sks star"
     python -m edit.sample --interpolate A.safetensors B.safetensors --alpha 0,0.5,1 --prompt "..."
     python -m edit.sample --mix A.safetensors B.safetensors --mix-layers coarse --prompt "..."
+    python -m edit.sample --lora runs/lora/pytorch_lora_weights.safetensors --prompt "a sks star"
 
 Every --prompt gets one row of --num-images images (with --interpolate, one row per alpha and
 prompt). Row i, column j starts from the noise of seed
@@ -29,6 +30,7 @@ from ldm.checkpoint import DEFAULT_MODEL, CheckpointError, load
 from ldm.model import usable_device
 from ldm.schedule import PREDICTION_TYPES
 from ldm.text import TOKENIZER_FILES
+from train import lora
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -73,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="spectral_shifts.safetensors from train.single; repeat to combine: "
                             "ReLU(sigma + w1 delta1 + w2 delta2 + ...), merged into the weights "
                             "once (WEIGHT default 1; 0.5 + 0.5 interpolates)")
+    model.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]", type=shift,
+                       help="pytorch_lora_weights.safetensors from a trainer's --method lora; "
+                            "repeat to add several: W + w1 B1 A1 + ..., merged into the weights "
+                            "once, after any shifts (WEIGHT default 1)")
     model.add_argument("--interpolate", nargs=2, metavar=("A", "B"),
                        help="two shift files: one grid row per --alpha, ReLU(sigma + alpha "
                             "delta_A + (1 - alpha) delta_B) (default: none)")
@@ -166,7 +172,7 @@ def run(args: argparse.Namespace) -> str:
     check_args(args)
     dtype = DTYPES[args.dtype] if args.dtype else (
         torch.float16 if torch.device(args.device).type == "cuda" else torch.float32)
-    combining = bool(args.shift or args.interpolate or args.mix)
+    combining = bool(args.shift or args.interpolate or args.mix or args.lora)
     # With shifts, load in float32 first: the base fingerprint a shift file is checked against
     # is taken on float32 weights (as in training), and the merge is done at full precision.
     model = load(args.model, tokenizer_dir=args.tokenizer, prediction_type=args.prediction_type,
@@ -174,6 +180,7 @@ def run(args: argparse.Namespace) -> str:
     if args.mix_layers:   # a bad group is refused before any file is read
         layer_chooser(args.mix_layers, model.unet.config)
     rows = variants(model, args)
+    fingerprint = model.base_fingerprint() if args.lora else None   # before anything is merged
     base = [{k: v.clone() for k, v in m.state_dict().items()} for m in (model.unet, model.text_encoder)] \
         if len(rows) > 1 else None
     guidance = model.default_guidance if args.guidance is None else args.guidance
@@ -185,7 +192,9 @@ def run(args: argparse.Namespace) -> str:
                 module.load_state_dict(state)
         if deltas is not None:
             apply_deltas(model, deltas, cache_dir=args.svd_cache, progress=not args.quiet)
-            model.to(dtype=dtype)
+        for path, weight in args.lora:   # after the shifts: their SVD is of the base weights
+            lora.merge_file(model, path, weight, fingerprint)
+        model.to(dtype=dtype)
         for prompt in args.prompt:
             images.append(model.generate([prompt] * args.num_images, negative_prompt=args.negative_prompt,
                                          steps=args.sample_steps, guidance=guidance, eta=args.eta,

@@ -83,10 +83,10 @@ def save_shifts(path: str | os.PathLike, deltas: Mapping[str, Tensor], metadata:
     save_file(tensors, path, metadata={key: json.dumps(value, default=str) for key, value in header.items()})
 
 
-def read_safetensors(path) -> tuple[dict[str, Tensor], dict[str, str]]:
+def read_safetensors(path, what: str = "shift file") -> tuple[dict[str, Tensor], dict[str, str]]:
     """({name: tensor}, raw metadata) of a safetensors file; ShiftFileError when it cannot be read."""
     if not os.path.isfile(path):
-        raise ShiftFileError(f"{path}: no such shift file")
+        raise ShiftFileError(f"{path}: no such {what}")
     try:
         with safe_open(path, framework="pt") as f:
             return {name: f.get_tensor(name) for name in f.keys()}, f.metadata() or {}
@@ -111,6 +111,8 @@ def load_shifts(path: str | os.PathLike, expect_fingerprint: str | None = None,
         metadata = {key: json.loads(value) for key, value in raw.items()}
     except json.JSONDecodeError as error:
         raise ShiftFileError(f"{path}: metadata is not JSON ({error})") from None
+    if str(metadata["format"]).startswith("svdiff-lora"):
+        raise ShiftFileError(f"{path}: a LoRA file, not a spectral shift file: give it with --lora")
     if metadata["format"] != FORMAT:
         raise ShiftFileError(f"{path}: format {metadata['format']!r}, this version reads {FORMAT!r}")
     if sorted(tensors) != metadata.get("layers"):

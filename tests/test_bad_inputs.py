@@ -73,6 +73,8 @@ def workspace(tmp_path_factory):
     from train import single
     paths["run"] = str(root / "run")
     assert single.main(train_argv(paths, "{run}", "--steps", "2")) == 0
+    paths["lora_run"] = str(root / "lora-run")
+    assert single.main(train_argv(paths, "{lora_run}", "--steps", "1", "--method", "lora")) == 0
     damaged = {"truncated": (root / "run" / "checkpoint.pt").read_bytes()[:1000],
                "random": rng.integers(0, 255, 5000, dtype=np.uint8).tobytes(),
                "payload": pickle.dumps({"x": Evil()}), "foreign": None}
@@ -133,6 +135,9 @@ TRAIN_SINGLE = [
     train("--sample-steps 5000", 2, "--sample-steps must be at most 999"),
     train("--svd-cache {file}", 2, "--svd-cache {file}: is a file, not a directory"),
     train("--resume --steps 1", 2, "past --steps 1; give --steps 2 or more", output="{run}"),
+    train("--lora-rank 4", 2, "--lora-rank is the rank of --method lora's adapters"),
+    train("--method lora --lora-rank 0", 2, "--lora-rank must be at least 1"),
+    train("--method lora --resume", 2, "holds other trained tensors than this run makes", output="{run}"),
     train("--resume", 2, "unreadable PyTorch file (RuntimeError", output="{run_truncated}"),
     train("--resume", 2, "not a PyTorch file", output="{run_random}"),
     train("--resume", 2, "it was not unpickled", output="{run_payload}"),
@@ -256,6 +261,13 @@ EDIT_SAMPLE = [         # edit.sample: (flags after quick settings, message); th
            "--mix-layers: unknown group 'top'"),
           ("--mix {run}/spectral_shifts.safetensors {run}/spectral_shifts.safetensors --mix-layers coarse "
            "--shift {run}/spectral_shifts.safetensors", "give one way of combining shifts"),
+          ("--shift {lora_run}/pytorch_lora_weights.safetensors",
+           "a LoRA file, not a spectral shift file: give it with --lora"),
+          ("--lora {run}/spectral_shifts.safetensors", "a spectral shift file, not a LoRA: give it with --shift"),
+          ("--lora {lora}", "not a LoRA file of this project"),          # kohya's names, no metadata
+          ("--lora {root}/missing.safetensors", "no such LoRA file"),
+          ("--lora {file}", "not a readable safetensors file"),
+          ("--lora {lora_run}/pytorch_lora_weights.safetensors:nan", "the weight must be a finite number"),
           ("--model {root}/missing.safetensors", "no such file"),
           ("--model {file}", "not a checkpoint"),
           ("--model {run}/checkpoint.pt", "no Stable Diffusion UNet keys"),
@@ -267,6 +279,8 @@ EDIT_SAMPLE = [         # edit.sample: (flags after quick settings, message); th
     # the run's shift fits {model}, not the default (bundled) model
     case("edit.sample", "--prompt 'a red star' --quiet --output {root}/new.png "
          "--shift {run}/spectral_shifts.safetensors", 2, "was trained on another base model"),
+    case("edit.sample", "--prompt 'a red star' --quiet --output {root}/new.png "
+         "--lora {lora_run}/pytorch_lora_weights.safetensors", 2, "was trained on another base model"),
 ]
 COSINE = "--model {model} --image {images}/0.png --prompt 'a red star' --edit 'a blue star' " \
          "--steps 1 --batch-size 1 --sample-steps 1 --num-images 1 --eval-samples 0 " \

@@ -1,11 +1,17 @@
 """train/lora.py, the LoRA baseline's layers: an untrained adapter is the base model, merged
 equals unmerged, and the file's diffusers names put each update on the same layer of diffusers'
-own UNet2DConditionModel (the oracle: its output with the updates added by name equals ours)."""
+own UNet2DConditionModel (the oracle: its output with the updates added by name equals ours),
+and diffusers' own load_lora_weights reads the file we write onto the same UNet and text-encoder
+layers."""
+
+import copy
+import logging
 
 import pytest
 import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-from oracle import diffusers_unet
+from oracle import diffusers_unet, diffusers_vae
 from tiny import UNET, one_thread, tiny_model  # noqa: F401 (one_thread: autouse fixture)
 from train import lora
 
@@ -75,6 +81,64 @@ def test_text_encoder_names():
     assert len(names) == 2 * 4 * len(model.text_encoder.transformer.encoder.layers)
     assert lora.our_name("text_encoder.text_model.encoder.layers.0.self_attn.q_proj", UNET["sd1"]) == \
         ("text", "transformer.encoder.layers.0.self_attn.q_proj")
+
+
+def base_pipeline(model):
+    """diffusers' StableDiffusionPipeline holding copies of `model`'s base weights (the scheduler
+    is SD's, set explicitly so diffusers does not warn about an outdated config)."""
+    return StableDiffusionPipeline(
+        vae=diffusers_vae(model.vae), text_encoder=copy.deepcopy(model.text_encoder.transformer),
+        tokenizer=model.text_encoder.tokenizer, unet=diffusers_unet(model.unet),
+        scheduler=DDIMScheduler(steps_offset=1, clip_sample=False), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+
+
+class Warnings(logging.Handler):
+    """diffusers, peft and transformers report skipped or unmatched LoRA keys only as log
+    warnings (diffusers' loggers do not propagate, so pytest's caplog misses them)."""
+
+    names = ("diffusers", "transformers", "peft")
+
+    def __enter__(self):
+        self.records = []
+        for name in self.names:
+            logging.getLogger(name).addHandler(self)
+        return self.records
+
+    def __exit__(self, *exc):
+        for name in self.names:
+            logging.getLogger(name).removeHandler(self)
+
+    def emit(self, record):
+        if record.levelno >= logging.WARNING:
+            self.records.append(record.getMessage())
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_diffusers_load_lora_weights_reads_our_file(family, tmp_path):
+    """diffusers' own loader (StableDiffusionPipeline.load_lora_weights, through peft) reads the
+    file `lora.save` writes, from its folder, without a warning, and puts every update of UNet
+    and text encoder on the same layer: its outputs equal ours with the adapters attached."""
+    model = tiny_model(family)
+    pipe = base_pipeline(model)
+    ids = model.text_encoder.tokenize(["a photo of sks cat", "red star on the left"])
+    with torch.no_grad():
+        base = unet_output(model.unet), model.text_encoder(ids)
+    adapted = {"unet": lora.attach(model.unet, rank=2, targets=lora.UNET_TARGETS),
+               "text": lora.attach(model.text_encoder, rank=2, targets=lora.TEXT_TARGETS)}
+    with_random_updates(adapted["unet"], seed=1)
+    with_random_updates(adapted["text"], seed=2)
+    lora.save(tmp_path / lora.RESULT_NAME, adapted, model.unet.config, {"base_fingerprint": "x"})
+    with Warnings() as warnings:
+        pipe.load_lora_weights(str(tmp_path))
+    assert warnings == []
+    with torch.no_grad():
+        ours = unet_output(model.unet), model.text_encoder(ids)
+        theirs = (pipe.unet(*unet_inputs(), return_dict=False)[0],
+                  pipe.text_encoder(input_ids=ids).last_hidden_state)
+    for mine, other, before in zip(ours, theirs, base):
+        assert (mine - before).abs().max() > 1e-3                 # the updates matter
+        torch.testing.assert_close(other, mine, rtol=1e-5, atol=1e-5)
 
 
 def test_count_on_sd15_is_the_attention_projections_by_hand():

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from PIL import Image
 
@@ -16,7 +17,7 @@ from edit import sample
 from ldm import checkpoint
 from ldm.unet import BasicTransformerBlock
 from tiny import one_thread, tiny_model  # noqa: F401 (one_thread: autouse fixture)
-from train import multi, single
+from train import lora, multi, single
 from train.data import ImageSet, step_generator
 from train.toy import reader, world
 from train.trainable import SpectralShifts
@@ -292,6 +293,23 @@ def test_run_writes_its_files_and_logs_every_loss(files, tmp_path):
                         "--sample-steps", "2", "--svd-cache", files["cache"], "--quiet",
                         "--output", str(grid)]) == 0
     assert np.asarray(Image.open(grid)).std() > 0
+
+
+def test_method_lora_trains_with_the_unmix_loss_and_samples_with_edit_sample(files, tmp_path):
+    """--method lora in train.multi: the same loop and unmix loss, a LoRA file whose adapters
+    moved, and edit.sample --lora draws with it."""
+    out = tmp_path / "run"
+    multi.train(multi.parse_args(argv(files, out, "--steps", "3", "--cut-mix-prob", "0.9",
+                                      "--method", "lora", "--lora-rank", "2", "--lr", "1e-2")))
+    rows = read_log(out / "log.csv")
+    assert all(float(r["unmix_loss"]) > 0 for r in rows if int(r["cut_mixed"]))
+    assert not (out / "spectral_shifts.safetensors").exists()
+    tensors = safetensors.torch.load_file(out / lora.RESULT_NAME)
+    assert any(t.abs().max() > 0 for name, t in tensors.items() if name.endswith("lora_B.weight"))
+    grid = tmp_path / "pair.png"
+    assert sample.main(["--model", files["base"], "--lora", str(out / lora.RESULT_NAME),
+                        "--prompt", "a sks star sitting beside a zwx star", "--num-images", "1",
+                        "--sample-steps", "2", "--quiet", "--output", str(grid)]) == 0
 
 
 def test_validation_prompts_show_pairs_in_new_phrasings_each_alone_and_the_classes():

@@ -14,6 +14,7 @@ from edit.shifts import apply_deltas, apply_shifts, layer_chooser, parse_shift
 from ldm import checkpoint as ckpt
 from ldm.unet import UNetConfig, UNetModel
 from tiny import tiny_model
+from train import lora
 
 
 def random_shift(model, seed, components=("unet", "text")):
@@ -119,6 +120,37 @@ def test_cli_shift(tmp_path, monkeypatch, capsys):
                                  "--output", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "another base model" in err[0]
+
+
+def test_cli_lora_adds_the_update_once_and_weight_0_is_the_base(tmp_path, monkeypatch):
+    """edit.sample --lora FILE:W merges W B A into the weights: W = 0 draws the base model's
+    image exactly; W = 1 draws what the model with the adapters attached draws, and so does
+    the file given twice at weight 0.5 (each checked against the base, not the first merge)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    base = tiny_model("sd1", tokenizer_dir=str(tmp_path / "tokenizer"))
+    ckpt.save_single_file(str(tmp_path / "tiny.safetensors"), base)
+    model = ckpt.load(str(tmp_path / "tiny.safetensors"))
+    adapted = {"unet": lora.attach(model.unet, 2, lora.UNET_TARGETS, torch.Generator().manual_seed(0)),
+               "text": lora.attach(model.text_encoder, 2, lora.TEXT_TARGETS, torch.Generator().manual_seed(1))}
+    for layer in (layer for layers in adapted.values() for layer in layers.values()):
+        torch.nn.init.normal_(layer.lora_B, std=0.05)
+    lora.save(tmp_path / "lora.safetensors", adapted, model.unet.config,
+              {"base_fingerprint": ckpt.load(str(tmp_path / "tiny.safetensors")).base_fingerprint()})
+    common = ["--model", str(tmp_path / "tiny.safetensors"), "--prompt", "a photo", "--num-images", "1",
+              "--sample-steps", "2", "--size", "16", "--quiet", "--plain"]
+    grids = {}
+    for name, extra in (("base", []), ("zero", ["--lora", f"{tmp_path}/lora.safetensors:0"]),
+                        ("one", ["--lora", f"{tmp_path}/lora.safetensors"]),
+                        ("halves", ["--lora", f"{tmp_path}/lora.safetensors:0.5"] * 2)):
+        assert sample.main(common + extra + ["--output", str(tmp_path / f"{name}.png")]) == 0
+        grids[name] = np.asarray(Image.open(tmp_path / f"{name}.png"))
+    attached = model.generate(["a photo"], steps=2, height=16, width=16, seed=0, progress=False)
+    assert np.array_equal(grids["zero"], grids["base"])
+    assert not np.array_equal(grids["one"], grids["base"])
+    expected = (attached[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    for name in ("one", "halves"):
+        inner = grids[name][2:-2, 2:-2]                               # inside the grid's 2-pixel border
+        assert np.abs(inner.astype(int) - expected.astype(int)).max() <= 1, name   # float32 rounding
 
 
 # --- interpolation and style mixing ---------------------------------------------------------------

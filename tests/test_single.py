@@ -5,11 +5,13 @@ import csv
 import dataclasses
 import math
 import os
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from PIL import Image
 
@@ -18,7 +20,7 @@ from edit.shifts import apply_shifts
 from ldm import checkpoint
 from ldm.vae import AutoencoderKL
 from tiny import one_thread, tiny_model  # noqa: F401 (one_thread: autouse fixture)
-from train import single
+from train import lora, single
 from train.trainable import SpectralShifts
 
 
@@ -198,6 +200,35 @@ def test_method_full_trains_every_unet_weight_and_writes_no_shift_file(files, tm
     assert all(not torch.equal(trained[f"unet.{n}"], w) for n, w in base.items() if n.endswith("weight"))
 
 
+def test_method_lora_trains_only_adapters_and_its_file_reproduces_the_trained_model(files, tmp_path):
+    """--method lora: the checkpoint holds only the adapters' A and B (UNet and text encoder's
+    attention projections); the file, merged into a fresh base as edit.sample --lora does,
+    gives the trained (merged) model's UNet and text encoder; weight 0 gives the base."""
+    out = tmp_path / "run"
+    trained = single.train(single.parse_args(argv(files, out, "--steps", "3", "--method", "lora",
+                                                  "--lora-rank", "2", "--lr", "1e-2",
+                                                  "--train-text-encoder")))
+    assert not (out / "spectral_shifts.safetensors").exists()
+    parameters = torch.load(out / "checkpoint.pt", weights_only=True)["parameters"]
+    assert parameters and all(re.search(r"\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|self_attn\."
+                                        r"(q|k|v|out)_proj)\.lora_[AB]$", name) for name in parameters)
+    assert any(name.startswith("text.") for name in parameters)
+    assert all(p.shape[0] == 2 or p.shape[1] == 2 for p in parameters.values())
+
+    ids = trained.text_encoder.tokenize(["a sks star", "a star"])
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([5, 500])
+    for weight, expected in ((1.0, trained), (0.0, checkpoint.load(files["base"]))):
+        model = checkpoint.load(files["base"])
+        lora.merge_file(model, out / lora.RESULT_NAME, weight)
+        with torch.no_grad():
+            context = model.text_encoder(ids)
+            torch.testing.assert_close(context, expected.text_encoder(ids), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(model.unet(x, t, context), expected.unet(x, t, context),
+                                       rtol=1e-4, atol=1e-5)
+    with pytest.raises(spectral.ShiftFileError, match="trained on another base model"):
+        lora.merge_file(checkpoint.load(files["other"]), out / lora.RESULT_NAME)
+
+
 # --- resume ------------------------------------------------------------------------------------
 
 class Killed(BaseException):
@@ -227,9 +258,19 @@ def assert_same_shifts(first, second):
         assert torch.equal(a[name], b[name]), name
 
 
-def test_resume_after_a_kill_gives_the_uninterrupted_result(files, tmp_path, monkeypatch):
+def assert_same_result(first, second):
+    """The result files hold the same tensors (the shift file's, or the LoRA file's)."""
+    if (first / lora.RESULT_NAME).exists():
+        a, b = (safetensors.torch.load_file(folder / lora.RESULT_NAME) for folder in (first, second))
+        assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+    else:
+        assert_same_shifts(first, second)
+
+
+@pytest.mark.parametrize("method", [[], ["--method", "lora", "--lr", "1e-2"]], ids=["spectral", "lora"])
+def test_resume_after_a_kill_gives_the_uninterrupted_result(files, tmp_path, monkeypatch, method):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    common = ("--steps", "6", "--save-every", "3")
+    common = ("--steps", "6", "--save-every", "3", *method)
     assert single.main(argv(files, whole, *common)) == 0
     undo = stop_in_call(monkeypatch, 5, Killed())
     with pytest.raises(Killed):
@@ -237,7 +278,7 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(files, tmp_path, mon
     undo()
     assert [int(r["step"]) for r in read_log(killed / "log.csv")] == [1, 2, 3, 4]
     assert single.main(argv(files, killed, *common, "--resume")) == 0
-    assert_same_shifts(whole, killed)
+    assert_same_result(whole, killed)
     assert ([r["loss"] for r in read_log(whole / "log.csv")] ==
             [r["loss"] for r in read_log(killed / "log.csv")])
 

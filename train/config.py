@@ -101,6 +101,9 @@ def check(parser: argparse.ArgumentParser, config) -> None:
                 if isinstance(number, (int, float)):
                     check_range(flag(f.name), number, *f.metadata["range"])
         if isinstance(config, RunConfig):
+            if config.lora_rank is not None and config.method != "lora":
+                raise ValueError("--lora-rank is the rank of --method lora's adapters: give "
+                                 "--method lora, or leave --lora-rank out")
             usable_device(config.device)
             if config.svd_cache:
                 check_output_dir(config.svd_cache, (), True, flag="--svd-cache")
@@ -149,14 +152,19 @@ class RunConfig:
     prediction_type: str | None = option(None, "what the network predicts (default: decided by "
                                          "rule, see python -m ldm.info)", choices=PREDICTION_TYPES)
     # what is trained, and how
-    method: str = option("spectral", "what is trained: spectral shifts (the method), or every "
-                         "UNet weight (full; a baseline for comparison, writes no shift file)",
-                         choices=("spectral", "full"))
+    method: str = option("spectral", "what is trained: spectral shifts (the method); or, as "
+                         "baselines for comparison, every UNet weight (full; writes no result "
+                         "file besides checkpoint.pt) or LoRA adapters on the attention "
+                         "projections (lora; writes pytorch_lora_weights.safetensors)",
+                         choices=("spectral", "full", "lora"))
+    lora_rank: int | None = option(None, "with --method lora: the adapters' rank r (alpha = r); "
+                                   "default: 4", minimum=1)
     train_text_encoder: bool | None = option(None, "spectral shifts on the text encoder too; "
                                              "default: off, on for the bundled tiny model")
     lr: float | None = option(None, "learning rate of the singular-value shifts; default: 1e-3 "
                               "(the paper's), 1e-2 on the bundled tiny model. With --method full, "
-                              "of the weights: 5e-6, 5e-4 on the bundled model", minimum=0)
+                              "of the weights: 5e-6, 5e-4 on the bundled model; with --method "
+                              "lora, of the adapters: 1e-4, 5e-3 on the bundled model", minimum=0)
     lr_1d: float = option(1e-6, "learning rate of the norm-scale shifts", minimum=0)
     steps: int = option(500, "optimizer steps (a resumed run may be given more)", minimum=1,
                         same_on_resume=False)

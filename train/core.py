@@ -4,7 +4,7 @@ A trainer (train/single.py) owns its batch, its loss and its loop; the rest is h
 
     model, fingerprint = load_model(config)              # --model, --tokenizer, --device, ...
     config = resolve(config, model, fingerprint)         # the trainer's: a new, complete value
-    trainable = METHODS[config.method](model, ...)       # train/trainable.py
+    trainable = make_trainable(model, config)        # train/trainable.py
     with Run(config, model, trainable, fingerprint, metadata, ...) as run:
         for step in run.steps():                         # resumes; progress bar
             loss = ...                                   # the trainer's batch and loss
@@ -50,12 +50,16 @@ from train.log import TrainingLog, plot_losses
 # must learn a subject in a few hundred CPU steps: on its weights, train.single's 500 steps at
 # lr 1e-2, batch 8, with the text encoder's shifts trained too give 88% subject fidelity and 0%
 # prior drift (UNet only, batch 4: 2% / 2%; a full fine-tune at 5e-4, batch 4: 88% / 48%; README).
-# Earlier weights: lr 5e-3 gave 62% / 22%, lr 1e-3 only 23% fidelity after 200 steps. Its layers are too small to split over threads (2 threads ran 7x slower than
-# 1 on a busy 2-core machine). Guidance: the model's own (StableDiffusion.default_guidance).
-MODEL_DEFAULTS = {None: {"lr": 1e-3, "full_lr": 5e-6, "threads": None, "batch_size": 4,
-                         "train_text_encoder": False},
-                  TOY_PRETRAIN: {"lr": 1e-2, "full_lr": 5e-4, "threads": 1, "batch_size": 8,
-                                 "train_text_encoder": True}}
+# Earlier weights: lr 5e-3 gave 62% / 22%, lr 1e-3 only 23% fidelity after 200 steps.
+# LoRA (rank 4, UNet + text): diffusers' DreamBooth-LoRA lr 1e-4 on SD; on the bundled model a
+# sweep of 500-step runs gave 4 / 8 / 6 / 14 / 6 / 4 / 0% fidelity at lr 1e-3 / 2e-3 / 3e-3 /
+# 5e-3 / 7e-3 / 1e-2 / 3e-2 (from 1e-2 on the samples fall apart), so 5e-3. Its layers are too
+# small to split over threads (2 threads ran 7x slower than 1 on a busy 2-core machine).
+# Guidance: the model's own (StableDiffusion.default_guidance).
+MODEL_DEFAULTS = {None: {"lr": 1e-3, "full_lr": 5e-6, "lora_lr": 1e-4, "threads": None,
+                         "batch_size": 4, "train_text_encoder": False},
+                  TOY_PRETRAIN: {"lr": 1e-2, "full_lr": 5e-4, "lora_lr": 5e-3, "threads": 1,
+                                 "batch_size": 8, "train_text_encoder": True}}
 
 
 class NonFiniteLoss(Exception):
@@ -77,9 +81,11 @@ def model_defaults(config, model) -> dict:
     """The defaults of the flags left at None that depend on the model (MODEL_DEFAULTS)."""
     defaults = dict(MODEL_DEFAULTS[TOY_PRETRAIN if is_toy_model(model) else None],
                     guidance=model.default_guidance)
-    full_lr = defaults.pop("full_lr")
+    full_lr, lora_lr = defaults.pop("full_lr"), defaults.pop("lora_lr")
     if config.method == "full":
         defaults.update(lr=full_lr, train_text_encoder=False)
+    if config.method == "lora":
+        defaults.update(lr=lora_lr, lora_rank=4)
     return defaults
 
 

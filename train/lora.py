@@ -17,18 +17,31 @@ File names: diffusers' PEFT layout (what diffusers' load_lora_weights reads),
     unet.<diffusers module path>.lora_A.weight (r, n) / .lora_B.weight (m, r)
     text_encoder.text_model.<path>.lora_A.weight / .lora_B.weight
 with our CompVis module paths renamed (`diffusers_name`; ldm/diffusers_layout.py renames back).
+The file's metadata (JSON strings, as shift files') adds format "svdiff-lora/1", rank, alpha
+and the base model's fingerprint; diffusers ignores it.
+
+    save(path, {"unet": layers, "text": layers}, unet_config, metadata)   what a trainer writes
+    merge_file(model, path, weight)        W += weight (alpha / r) B A, for edit.sample --lora
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from ldm.diffusers_layout import diffusers_unet_name_to_compvis
+from ldm.files import describe_mismatch
 from ldm.unet import UNetConfig
+from spectral.io import ShiftFileError, read_safetensors
+
+FORMAT = "svdiff-lora/1"
+RESULT_NAME = "pytorch_lora_weights.safetensors"   # the name diffusers' load_lora_weights(folder) looks for
 
 UNET_TARGETS = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
 TEXT_TARGETS = re.compile(r"\.self_attn\.(q_proj|k_proj|v_proj|out_proj)$")
@@ -37,13 +50,15 @@ TEXT_TARGETS = re.compile(r"\.self_attn\.(q_proj|k_proj|v_proj|out_proj)$")
 class LoRALinear(nn.Module):
     """A frozen nn.Linear plus (alpha / rank) B A; `base` keeps the original layer."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None,
+                 generator: torch.Generator | None = None):
         super().__init__()
         self.base = base.requires_grad_(False)
         self.scale = (alpha if alpha is not None else rank) / rank
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
+        a = torch.empty(rank, base.in_features)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)   # nn.Linear's init, as PEFT
+        self.lora_A = nn.Parameter(a.to(base.weight.device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))   # nn.Linear's own init, as PEFT
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         update = (x.to(self.lora_A.dtype) @ self.lora_A.T) @ self.lora_B.T
@@ -68,15 +83,17 @@ def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent) if parent else model), name
 
 
-def attach(model: nn.Module, rank: int, targets: re.Pattern) -> dict[str, LoRALinear]:
+def attach(model: nn.Module, rank: int, targets: re.Pattern,
+           generator: torch.Generator | None = None) -> dict[str, LoRALinear]:
     """Freeze `model` and replace every nn.Linear whose module path matches `targets` (searched
-    in "." + path) by a LoRALinear of `rank`, in place; returns them by module path."""
+    in "." + path) by a LoRALinear of `rank`, in place; returns them by module path. A is drawn
+    from `generator` (a run's seed: the same run starts from the same A), else torch's global RNG."""
     model.requires_grad_(False)
     adapted = {}
     for path, module in list(model.named_modules()):
         if type(module) is nn.Linear and targets.search("." + path):
             parent, name = _parent(model, path)
-            adapted[path] = LoRALinear(module, rank)
+            adapted[path] = LoRALinear(module, rank, generator=generator)
             setattr(parent, name, adapted[path])
     if not adapted:
         raise ValueError("no layer to adapt: the model has no attention projections LoRA knows")
@@ -137,3 +154,63 @@ def state_dict(adapted: dict[str, dict[str, LoRALinear]], config: UNetConfig) ->
             tensors[f"{prefix}.lora_A.weight"] = layer.lora_A.detach().float().cpu().contiguous()
             tensors[f"{prefix}.lora_B.weight"] = layer.lora_B.detach().float().cpu().contiguous()
     return tensors
+
+
+# ----------------------------------------------------------------------------- files
+
+def save(path: str | os.PathLike, adapted: dict[str, dict[str, LoRALinear]], config: UNetConfig,
+         metadata: dict) -> None:
+    """Write the adapters as a PEFT-layout safetensors file; `metadata` (the base fingerprint,
+    the training args) is stored as JSON beside format, rank and alpha."""
+    layer = next(layer for layers in adapted.values() for layer in layers.values())
+    rank = layer.lora_A.shape[0]
+    header = {"format": FORMAT, "rank": rank, "alpha": layer.scale * rank, **metadata}
+    tensors = state_dict(adapted, config)
+    save_file(tensors, path, metadata={k: json.dumps(v, default=str) for k, v in header.items()})
+
+
+def read(path: str | os.PathLike, expect_fingerprint: str) -> tuple[dict[str, torch.Tensor], float]:
+    """A LoRA file written by `save` -> ({PEFT layer name: B A}, alpha / rank). A shift file, a
+    file of something else, or one trained on another base model: ShiftFileError, one line."""
+    tensors, raw = read_safetensors(path, what="LoRA file")
+    found = raw.get("format", "").strip('"')   # JSON strings here; other tools write plain ones
+    if found != FORMAT:
+        if found.startswith("svdiff-shifts"):
+            raise ShiftFileError(f"{path}: a spectral shift file, not a LoRA: give it with --shift")
+        raise ShiftFileError(f"{path}: not a LoRA file of this project (format {found!r}, "
+                             f"this version reads {FORMAT!r})")
+    fingerprint = json.loads(raw.get("base_fingerprint", "null"))   # ours: JSON, as `save` wrote it
+    if fingerprint != expect_fingerprint:
+        raise ShiftFileError(f"{path} was trained on another base model (fingerprint "
+                             f"{str(fingerprint)[:16]}, this model {expect_fingerprint[:16]})")
+    names = {name.rsplit(".lora_", 1)[0] for name in tensors}
+    try:
+        updates = {name: tensors[f"{name}.lora_B.weight"].float() @ tensors[f"{name}.lora_A.weight"].float()
+                   for name in names}
+    except (KeyError, RuntimeError):
+        raise ShiftFileError(f"{path}: its lora_A / lora_B entries do not pair up (damaged file?)") from None
+    return updates, json.loads(raw["alpha"]) / json.loads(raw["rank"])
+
+
+def merge_file(model: nn.Module, path: str | os.PathLike, weight: float = 1.0,
+               base_fingerprint: str | None = None) -> None:
+    """Add weight (alpha / r) B A of a LoRA file to the weights of a StableDiffusion `model`,
+    in place (its float32 weights: the merge is exact to float32 rounding). The file must
+    have been trained on `base_fingerprint`: the model's own unless something (another file,
+    a shift) is merged into it already."""
+    updates, scale = read(path, base_fingerprint or model.base_fingerprint())
+    components = {"unet": model.unet, "text": model.text_encoder}
+    targets = {}
+    for name, update in updates.items():
+        try:
+            component, module_path = our_name(name, model.unet.config)
+            targets[name] = components[component].get_submodule(module_path)
+        except (ValueError, AttributeError):
+            raise ShiftFileError(f"{path}: layer {name} is not in this model") from None
+    problem = describe_mismatch({n: tuple(u.shape) for n, u in updates.items()},
+                                {n: tuple(m.weight.shape) for n, m in targets.items()})
+    if problem:
+        raise ShiftFileError(f"{path} does not fit this model: {problem}")
+    with torch.no_grad():
+        for name, module in targets.items():
+            module.weight += (weight * scale * updates[name]).to(module.weight)

@@ -64,7 +64,7 @@ from train.config import SubjectConfig, option
 from train.data import DataError
 from train.single import default_class_dir, diffusion_loss, load_class_images, words
 from train.toy import subjects as toy
-from train.trainable import METHODS
+from train.trainable import METHODS, make_trainable
 
 
 @dataclass(frozen=True)
@@ -447,7 +447,7 @@ def train(config: MultiConfig):
     if config.cache_latents:
         for images in instance + (prior or []):
             images.build_cache(encode)
-    trainable = METHODS[config.method](model, config.train_text_encoder, config.svd_cache)
+    trainable = make_trainable(model, config)
     maps = CrossAttentionMaps(model.unet) if config.unmix_weight > 0 else None
     B, device, scale = config.batch_size, model.device, model.vae.config.scale_factor
     latent_size = (config.resolution // model.latent_factor,) * 2

@@ -47,7 +47,7 @@ from train import config as run_config
 from train.config import RunConfig, SubjectConfig, option
 from train.data import DataError
 from train.toy import subjects
-from train.trainable import METHODS
+from train.trainable import METHODS, make_trainable
 
 
 @dataclass(frozen=True)
@@ -187,7 +187,7 @@ def train(config: SingleConfig):
     if measuring:   # the base model's class images: what the drift is measured against
         base_readings = subjects.class_readings(model, config.class_prompt, config.eval_samples,
                                                 config.sample_steps, config.guidance, config.seed + 1)
-    trainable = METHODS[config.method](model, config.train_text_encoder, config.svd_cache)
+    trainable = make_trainable(model, config)
     prompts = [config.instance_prompt, config.class_prompt][:len(image_sets)]
     B, device, scale = config.batch_size, model.device, model.vae.config.scale_factor
     token_ids = model.text_encoder.tokenize(prompts).repeat_interleave(B, 0).to(device)

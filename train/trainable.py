@@ -2,7 +2,7 @@
 
 Each kind freezes the base model, then makes its own trainable part, behind one interface:
 
-    trainable = METHODS[config.method](model, text_encoder=..., svd_cache=...)
+    trainable = make_trainable(model, config)    # METHODS[config.method], with what it needs
     optimizer = torch.optim.AdamW(trainable.param_groups(lr, lr_1d))
     trainable.save(path, metadata)      # the result file, for the kinds with a result_name
     trainable.merge()                   # plain weights again: sampling at the base model's cost
@@ -14,8 +14,9 @@ Each kind freezes the base model, then makes its own trainable part, behind one 
 - FullFinetune (baseline): every UNet weight is trained as it is (DreamBooth). No result file
   besides the checkpoint: it is there to compare fidelity and drift with.
 
-A LoRA baseline would be a third kind: result_name, param_groups, merge, and save when it
-has a result_name.
+- LoRA (baseline, train/lora.py): rank-r adapters (alpha = r) on the attention projections of
+  the UNet (and the text encoder), as diffusers' DreamBooth-LoRA trainer places them. Result:
+  pytorch_lora_weights.safetensors in diffusers' PEFT layout; rank 4 on SD 1.5 is 3.2 MB.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import nn
 
 import spectral
 from ldm.model import StableDiffusion
+from train import lora
 from train.data import DataError
 
 
@@ -81,4 +83,39 @@ class FullFinetune:
         """The weights are trained in place: nothing to merge."""
 
 
-METHODS = {"spectral": SpectralShifts, "full": FullFinetune}
+class LoRA:
+    result_name = lora.RESULT_NAME
+
+    def __init__(self, model: StableDiffusion, text_encoder: bool, rank: int, seed: int):
+        freeze(model)
+        self.unet_config = model.unet.config
+        self.components: dict[str, nn.Module] = {"unet": model.unet}
+        if text_encoder:
+            self.components["text"] = model.text_encoder
+        targets = {"unet": lora.UNET_TARGETS, "text": lora.TEXT_TARGETS}
+        generator = torch.Generator().manual_seed(seed)   # A's init: the run's seed decides
+        self.adapted = {name: lora.attach(module, rank, targets[name], generator)
+                        for name, module in self.components.items()}
+
+    def param_groups(self, lr: float, lr_1d: float) -> list[dict]:
+        """A and B of every adapter at lr (LoRA has no 1-d parameters)."""
+        layers = [layer for adapted in self.adapted.values() for layer in adapted.values()]
+        return [{"params": [p for layer in layers for p in (layer.lora_A, layer.lora_B)], "lr": lr}]
+
+    def save(self, path: str, metadata: dict) -> None:
+        lora.save(path, self.adapted, self.unet_config, metadata)
+
+    def merge(self) -> None:
+        """W + (alpha / r) B A written into plain Linears: sampling at the base model's cost."""
+        for module in self.components.values():
+            lora.merge(module)
+
+
+METHODS = {"spectral": SpectralShifts, "full": FullFinetune, "lora": LoRA}
+
+
+def make_trainable(model: StableDiffusion, config) -> SpectralShifts | FullFinetune | LoRA:
+    """The trainable part config.method names, for a run's resolved config."""
+    if config.method == "lora":
+        return LoRA(model, config.train_text_encoder, config.lora_rank, config.seed)
+    return METHODS[config.method](model, config.train_text_encoder, config.svd_cache)
