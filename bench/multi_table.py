@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from edit.grid import save_grid
+from ldm.checkpoint import DEFAULT_MODEL, load
 from train import multi
 from train.toy import reader, world
 from train.toy import subjects as toy
@@ -62,12 +63,15 @@ def main():
     root = Path(args.output_dir)
     rows, grid = [], []
     sample_steps = multi.MultiConfig().sample_steps
+    base = load(DEFAULT_MODEL)   # its class images: what the drift is measured against
+    base_readings = toy.base_class_readings(base, [(e.subject, e.instance_prompt, e.class_prompt) for e in THREE],
+                                            args.eval_samples, sample_steps, base.default_guidance, args.seed + 1)
     for label, name, flags, examples in SETTINGS:
         t0 = time.time()
         model = run(name, flags, examples, root, args.seed)
         subjects = [(e.subject, e.instance_prompt, e.class_prompt) for e in examples]
-        table = toy.measure_subjects(model, subjects, args.eval_samples, sample_steps,
-                                     model.default_guidance, args.seed + 1)
+        table = toy.measure_subjects(model, subjects, args.eval_samples, sample_steps, model.default_guidance,
+                                     args.seed + 1, {c: base_readings[c] for _, _, c in subjects})
         rows.append((label, table))
         print(f"{label}: {toy.format_subjects(table, args.eval_samples)} ({(time.time() - t0) / 60:.1f} min)",
               flush=True)

@@ -165,7 +165,7 @@ TRAIN_SINGLE = [
     train("--validation-every -1", 2, "--validation-every must not be negative"),
     train("--num-class-images 0", 2, "--num-class-images must be at least 1"),
     train("--mixed-precision fp8", 2, "invalid choice: 'fp8'"),
-    train("--method lora", 2, "invalid choice: 'lora'"),
+    train("--method dora", 2, "invalid choice: 'dora'"),
     train("--method full --train-text-encoder", 2, "--method full trains the UNet only"),
     train("--device gpu0", 2, "--device: unknown device 'gpu0'"),
     train("--tokenizer {empty}", 2, "no tokenizer.json or vocab.json + merges.txt"),

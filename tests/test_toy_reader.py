@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from train.toy import world
-from train.toy.reader import (accuracy, build_parser, check_args, load_reader, parse, prior_drift,
-                              prompt_sets, read, reader_accuracy, reader_data, subject_fidelity)
+from train.toy.reader import (accuracy, build_parser, check_args, color_rise, in_colors, load_reader, parse,
+                              prior_drift, prompt_sets, read, reader_accuracy, reader_data, subject_fidelity)
 
 
 def obj(position, shape, color=None, pattern="plain"):
@@ -49,6 +49,21 @@ def test_fidelity_and_drift_on_renders():
     assert subject_fidelity(read(shown), subject.name) >= 0.95
     assert prior_drift(read(plain), subject.name, read(plain)) <= 0.05
     assert prior_drift(read(other), subject.name, read(plain)) <= 0.05    # the other star is not it
+
+
+def test_drift_counts_the_subjects_pattern_and_the_rise_in_its_colors():
+    """Readings by hand: the sks star's colors are orange and purple. A patterned image is never
+    a color image; only the rise over the base model's share counts, never a fall."""
+    def plain(color):
+        return [{"position": "center", "shape": "star", "pattern": "plain", "color": color}]
+    striped = [{"position": "center", "shape": "star", "pattern": "striped_star", "color": None}]
+    base = [plain("orange"), plain("red"), plain("blue"), plain("green")]
+    now = [plain("orange"), plain("purple"), striped, plain("green")]
+    colors = world.SUBJECTS["striped_star"].colors
+    assert (in_colors(base, colors), in_colors(now, colors)) == (0.25, 0.5)
+    assert color_rise(now, base, colors) == 0.25 and color_rise(base, now, colors) == 0.0
+    assert prior_drift(now, "striped_star", base) == 0.25 + 0.25      # the stripes + the colors' rise
+    assert prior_drift(base, "striped_star", now) == 0.0
 
 
 def test_hybrid_patterns_read_as_other():

@@ -159,8 +159,9 @@ class RunConfig:
                          choices=("spectral", "full", "lora"))
     lora_rank: int | None = option(None, "with --method lora: the adapters' rank r (alpha = r); "
                                    "default: 4", minimum=1)
-    train_text_encoder: bool | None = option(None, "spectral shifts on the text encoder too; "
-                                             "default: off, on for the bundled tiny model")
+    train_text_encoder: bool | None = option(None, "train the text encoder too (its spectral "
+                                             "shifts or LoRA adapters); default: off, on for "
+                                             "the bundled tiny model")
     lr: float | None = option(None, "learning rate of the singular-value shifts; default: 1e-3 "
                               "(the paper's), 1e-2 on the bundled tiny model. With --method full, "
                               "of the weights: 5e-6, 5e-4 on the bundled model; with --method "

@@ -447,6 +447,11 @@ def train(config: MultiConfig):
     if config.cache_latents:
         for images in instance + (prior or []):
             images.build_cache(encode)
+    measuring = config.eval_samples and example and core.is_toy_model(model)
+    if measuring:   # the base model's class images: what the drift is measured against
+        measured = [(e.subject, e.instance_prompt, e.class_prompt) for e in EXAMPLE]
+        base_readings = toy.base_class_readings(model, measured, config.eval_samples,
+                                                config.sample_steps, config.guidance, config.seed + 1)
     trainable = make_trainable(model, config)
     maps = CrossAttentionMaps(model.unet) if config.unmix_weight > 0 else None
     B, device, scale = config.batch_size, model.device, model.vae.config.scale_factor
@@ -483,10 +488,9 @@ def train(config: MultiConfig):
     if maps is not None:
         maps.remove()
 
-    if config.eval_samples and example and core.is_toy_model(model):
-        table = toy.measure_subjects(model, [(e.subject, e.instance_prompt, e.class_prompt) for e in EXAMPLE],
-                                     config.eval_samples, config.sample_steps, config.guidance,
-                                     config.seed + 1)
+    if measuring:
+        table = toy.measure_subjects(model, measured, config.eval_samples, config.sample_steps,
+                                     config.guidance, config.seed + 1, base_readings)
         print(toy.format_subjects(table, config.eval_samples))
     return model
 

@@ -249,21 +249,25 @@ def subject_fidelity(readings, subject):
     return float(np.mean([any(o["pattern"] == subject for o in r) for r in readings]))
 
 
-def in_subject_colors(readings, subject):
-    """Share of images with a plain object in one of `subject`'s colors and no `subject`
-    (for the sks star: a plain orange or purple object)."""
-    colors = world.SUBJECTS[subject].colors
-    return float(np.mean([not any(o["pattern"] == subject for o in r) and
-                          any(o["color"] in colors for o in r) for r in readings]))
+def in_colors(readings, colors):
+    """Share of images with no patterned object and a plain one in one of `colors`."""
+    return float(np.mean([all(o["pattern"] == "plain" for o in r) and any(o["color"] in colors for o in r)
+                          for r in readings]))
+
+
+def color_rise(readings, base_readings, colors):
+    """How much more often than the base model's images of the same prompts and seeds
+    (`base_readings`) the images are drawn plain in one of `colors` (0 when less often): the
+    base model draws any color by chance (the sks star's 2 of the 6 colors in a third of its
+    stars), so only the rise is drift."""
+    return max(0.0, in_colors(readings, colors) - in_colors(base_readings, colors))
 
 
 def prior_drift(readings, subject, base_readings):
     """How far class-prompt images ("a star") moved toward `subject`: the share that show it
-    (its pattern), plus the rise over the base model's images of the same prompts and seeds
-    (`base_readings`) in the share of plain objects in its colors. The base model draws the
-    subject's colors by chance (2 of the 6 colors for the sks star), so only the rise counts."""
-    rise = in_subject_colors(readings, subject) - in_subject_colors(base_readings, subject)
-    return subject_fidelity(readings, subject) + max(0.0, rise)
+    (its pattern), plus the color_rise of its colors."""
+    colors = world.SUBJECTS[subject].colors
+    return subject_fidelity(readings, subject) + color_rise(readings, base_readings, colors)
 
 
 # ---------------------------------------------------------------- the quality bar

@@ -18,7 +18,7 @@ import numpy as np
 
 from PIL import Image
 
-from train.toy import reader
+from train.toy import reader, world
 from train.toy.world import PAIR_WORDS, POSITIONS, subject_images
 
 
@@ -92,7 +92,13 @@ def mixed(objects, asked):
     return any(p == "other" or p not in asked or patterns.count(p) > 1 for p in patterns)
 
 
-def measure_subjects(model, subjects, samples, sample_steps, guidance, seed):
+def base_class_readings(model, subjects, samples, sample_steps, guidance, seed):
+    """{class prompt: class_readings} of the base model for measure_subjects' drift."""
+    return {c: class_readings(model, c, samples, sample_steps, guidance, seed)
+            for c in dict.fromkeys(c for _, _, c in subjects)}
+
+
+def measure_subjects(model, subjects, samples, sample_steps, guidance, seed, base_readings):
     """train.multi's measurement, for `subjects` = [(world subject name, instance prompt,
     class prompt)]; each share in [0, 1] over `samples` images per cell (pairs together,
     each subject alone, each class prompt):
@@ -100,7 +106,9 @@ def measure_subjects(model, subjects, samples, sample_steps, guidance, seed):
                    pattern and shape, nothing else (reader.match "objects")
         mixing   : pair prompts whose image shows mixing (see `mixed`)
         alone    : "a sks star" (+ PLACES) images showing their subject, mean over subjects
-        drift    : class prompt (+ PLACES) images showing any subject or a hybrid pattern"""
+        drift    : class prompt (+ PLACES) images showing any subject or a hybrid pattern,
+                   plus reader.color_rise of the colors of that class's subjects over the base
+                   model's `base_readings` (base_class_readings); mean over class prompts"""
     image_reader = reader.load_reader()
     names = {prompt: name for name, prompt, _ in subjects}
 
@@ -117,9 +125,11 @@ def measure_subjects(model, subjects, samples, sample_steps, guidance, seed):
     alone = np.mean([reader.subject_fidelity(read(placed(prompt, samples)), name)
                      for name, prompt, _ in subjects])
     drift = []
-    for class_prompt in dict.fromkeys(c for _, _, c in subjects):
-        for r in read(placed(class_prompt, samples)):
-            drift.append(any(o["pattern"] != "plain" for o in r))
+    for class_prompt, base in base_readings.items():
+        readings = read(placed(class_prompt, samples))
+        colors = {c for name, _, category in subjects if category == class_prompt for c in world.SUBJECTS[name].colors}
+        drift.append(np.mean([any(o["pattern"] != "plain" for o in r) for r in readings])
+                     + reader.color_rise(readings, base, colors))
     return {"together": float(together), "mixing": float(mixing), "alone": float(alone),
             "drift": float(np.mean(drift))}
 
