@@ -1,18 +1,20 @@
-"""Sampling after combining shifts costs what the base model's sampling costs: every
-combination (addition, interpolation, style mixing) is merged into plain weights once, so the
-sampler runs the same layers. Goal: 1.0x.
+"""Sampling after combining shifts, or with a LoRA, costs what the base model's sampling costs:
+every combination (addition, interpolation, style mixing) and every LoRA file is merged into
+plain weights once, so the sampler runs the same layers. Goal: 1.0x.
 
     python bench/combined_sampling.py            # bundled model, 8 images, 25 DDIM steps, 7 repeats
 
 Two random shift files for the bundled model (same layers as train.single's result) are
-combined each way with edit.shifts; then the base model and each merged one generate the same
-batch, alternating, and the median time of each is printed beside its ratio to the base's.
-Merging itself (once per combination, before sampling) is timed apart.
+combined each way with edit.shifts, and a random rank-4 LoRA file (the layers of --method lora)
+is merged as edit.sample --lora merges it; then the base model and each merged one generate the
+same batch, alternating, and the median time of each is printed beside its ratio to the base's.
+Merging itself (once per combination or file, before sampling) is timed apart.
 """
 
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import spectral  # noqa: E402
 from edit.shifts import apply_deltas, layer_chooser  # noqa: E402
 from ldm import checkpoint  # noqa: E402
+from train import lora  # noqa: E402
 
 
 def random_deltas(model, seed: int) -> dict:
@@ -34,6 +37,18 @@ def random_deltas(model, seed: int) -> dict:
             deltas[f"{component}.{name}"] = 0.05 * torch.randn(delta.shape, generator=generator)
         spectral.detach(module)
     return deltas
+
+
+def random_lora(path: Path, seed: int) -> None:
+    """A rank-4 LoRA file for the bundled model, UNet and text encoder, B = 0.05 N(0, 1)."""
+    model = checkpoint.load(checkpoint.DEFAULT_MODEL)
+    generator = torch.Generator().manual_seed(seed)
+    adapted = {"unet": lora.attach(model.unet, 4, lora.UNET_TARGETS, generator),
+               "text": lora.attach(model.text_encoder, 4, lora.TEXT_TARGETS, generator)}
+    for layer in (layer for layers in adapted.values() for layer in layers.values()):
+        layer.lora_B.data = 0.05 * torch.randn(layer.lora_B.shape, generator=generator)
+    fingerprint = checkpoint.load(checkpoint.DEFAULT_MODEL).base_fingerprint()
+    lora.save(path, adapted, model.unet.config, {"base_fingerprint": fingerprint})
 
 
 def main(argv=None) -> int:
@@ -53,6 +68,12 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         apply_deltas(models[name], deltas, progress=False)
         print(f"merging '{name}': {time.perf_counter() - start:.2f} s, once")
+    with tempfile.TemporaryDirectory() as folder:
+        random_lora(Path(folder) / lora.RESULT_NAME, 3)
+        models["LoRA r=4"] = checkpoint.load(checkpoint.DEFAULT_MODEL)
+        start = time.perf_counter()
+        lora.merge_file(models["LoRA r=4"], Path(folder) / lora.RESULT_NAME)
+        print(f"merging 'LoRA r=4': {time.perf_counter() - start:.2f} s, once")
     prompts = ["a red star on the left"] * 8
     times = {name: [] for name in models}
     for _ in range(args.repeats):
