@@ -42,12 +42,12 @@ def random_deltas(model, seed: int) -> dict:
 def random_lora(path: Path, seed: int) -> None:
     """A rank-4 LoRA file for the bundled model, UNet and text encoder, B = 0.05 N(0, 1)."""
     model = checkpoint.load(checkpoint.DEFAULT_MODEL)
+    fingerprint = model.base_fingerprint()   # before the adapters change the module tree
     generator = torch.Generator().manual_seed(seed)
     adapted = {"unet": lora.attach(model.unet, 4, lora.UNET_TARGETS, generator),
                "text": lora.attach(model.text_encoder, 4, lora.TEXT_TARGETS, generator)}
     for layer in (layer for layers in adapted.values() for layer in layers.values()):
         layer.lora_B.data = 0.05 * torch.randn(layer.lora_B.shape, generator=generator)
-    fingerprint = checkpoint.load(checkpoint.DEFAULT_MODEL).base_fingerprint()
     lora.save(path, adapted, model.unet.config, {"base_fingerprint": fingerprint})
 
 

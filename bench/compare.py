@@ -86,6 +86,8 @@ def train(folder: Path, flags: list[str], args) -> dict:
     if process.returncode:
         raise SystemExit(f"{' '.join(command)} failed ({process.returncode}); see {folder / 'run.log'}")
     found = HEADLINE.search(text)
+    if not found and "--instance-dir" not in flags:   # the example's runs end with the headline
+        raise SystemExit(f"no fidelity / drift headline in {folder / 'run.log'}")
     parameters = torch.load(folder / "checkpoint.pt", weights_only=True)["parameters"]
     result = [p for p in folder.glob("*.safetensors")]
     numel = sum(p.numel() for p in parameters.values())
@@ -253,8 +255,9 @@ def spectral_sweeps(folders: dict, args, image_reader) -> tuple[dict, dict]:
                   "--output", str(args.output_dir / "interpolation.png")],
                  *(["--mix", *map(str, files), "--mix-layers", group,
                     "--output", str(args.output_dir / f"mixing-{group}.png")] for group in MIXES)):
-        sample.main([*argv, "--prompt", SKS.instance_prompt, "--prompt", ZWX.instance_prompt,
-                     "--num-images", "8", "--overwrite", "--quiet", "--svd-cache", str(args.output_dir / "svd")])
+        if sample.main([*argv, "--prompt", SKS.instance_prompt, "--prompt", ZWX.instance_prompt, "--num-images",
+                        "8", "--overwrite", "--quiet", "--svd-cache", str(args.output_dir / "svd")]):
+            raise SystemExit(f"python -m edit.sample {' '.join(argv)} failed")
     return interpolation, mixing
 
 
@@ -314,7 +317,7 @@ def main():
     parser.add_argument("--workers", type=int, default=2, help="training runs at a time (default: 2)")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/compare"), help="default: runs/compare")
     args = parser.parse_args()
-    args.seed_eval = 1   # the seed train.single's headline samples with at --seed 0
+    args.seed_eval = args.seeds[0] + 1   # the seed the first seed's headline samples with
     start = time.perf_counter()
     runs, folders = all_runs(args)
     torch.set_num_threads(2)

@@ -35,9 +35,9 @@ from train import lora
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def shift(text: str) -> tuple[str, float]:
-    """--shift FILE[:WEIGHT] -> (FILE, WEIGHT), or argparse's error for a weight that is not a
-    finite number."""
+def file_and_weight(text: str) -> tuple[str, float]:
+    """--shift / --lora FILE[:WEIGHT] -> (FILE, WEIGHT), or argparse's error for a weight that
+    is not a finite number."""
     try:
         return parse_shift(text)
     except ValueError as error:
@@ -71,11 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--prediction-type", choices=PREDICTION_TYPES,
                        help="what the network predicts (default: decided by rule, see "
                             "python -m ldm.info)")
-    model.add_argument("--shift", action="append", default=[], metavar="FILE[:WEIGHT]", type=shift,
+    model.add_argument("--shift", action="append", default=[], metavar="FILE[:WEIGHT]", type=file_and_weight,
                        help="spectral_shifts.safetensors from train.single; repeat to combine: "
                             "ReLU(sigma + w1 delta1 + w2 delta2 + ...), merged into the weights "
                             "once (WEIGHT default 1; 0.5 + 0.5 interpolates)")
-    model.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]", type=shift,
+    model.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]", type=file_and_weight,
                        help="pytorch_lora_weights.safetensors from a trainer's --method lora; "
                             "repeat to add several: W + w1 B1 A1 + ..., merged into the weights "
                             "once, after any shifts (WEIGHT default 1)")
@@ -173,8 +173,8 @@ def run(args: argparse.Namespace) -> str:
     dtype = DTYPES[args.dtype] if args.dtype else (
         torch.float16 if torch.device(args.device).type == "cuda" else torch.float32)
     combining = bool(args.shift or args.interpolate or args.mix or args.lora)
-    # With shifts, load in float32 first: the base fingerprint a shift file is checked against
-    # is taken on float32 weights (as in training), and the merge is done at full precision.
+    # With shifts or LoRA files, load in float32 first: the base fingerprint a file is checked
+    # against is taken on float32 weights (as in training), and the merge is done at full precision.
     model = load(args.model, tokenizer_dir=args.tokenizer, prediction_type=args.prediction_type,
                  device=args.device, dtype=torch.float32 if combining else dtype)
     if args.mix_layers:   # a bad group is refused before any file is read

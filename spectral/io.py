@@ -112,7 +112,8 @@ def load_shifts(path: str | os.PathLike, expect_fingerprint: str | None = None,
     except json.JSONDecodeError as error:
         raise ShiftFileError(f"{path}: metadata is not JSON ({error})") from None
     if str(metadata["format"]).startswith("svdiff-lora"):
-        raise ShiftFileError(f"{path}: a LoRA file, not a spectral shift file: give it with --lora")
+        raise ShiftFileError(f"{path}: a LoRA file, not a spectral shift file (edit.sample reads it "
+                             "with --lora)")
     if metadata["format"] != FORMAT:
         raise ShiftFileError(f"{path}: format {metadata['format']!r}, this version reads {FORMAT!r}")
     if sorted(tensors) != metadata.get("layers"):

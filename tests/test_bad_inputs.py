@@ -96,13 +96,16 @@ def workspace(tmp_path_factory):
     paths["broken_png"] = str(root / "broken.png")   # a PNG cut short: its decoder fails
     (root / "broken.png").write_bytes((images / "0.png").read_bytes()[:80])
     # ldm.info's cases: an empty file, a truncated .safetensors, a LoRA file
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
     paths.update({name: str(root / f) for name, f in (("empty_file", "empty.ckpt"),
                   ("truncated", "truncated.safetensors"), ("lora", "lora.safetensors"))})
     (root / "empty.ckpt").write_bytes(b"")
     (root / "truncated.safetensors").write_bytes(Path(paths["model"]).read_bytes()[:100_000])
     save_file({"lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32)},
               paths["lora"])
+    paths["lora_unbound"] = str(root / "lora-unbound.safetensors")   # ours, but its metadata lost the base
+    tensors = load_file(Path(paths["lora_run"]) / "pytorch_lora_weights.safetensors")
+    save_file(tensors, paths["lora_unbound"], metadata={"format": '"svdiff-lora/1"'})
     return paths
 
 
@@ -262,9 +265,10 @@ EDIT_SAMPLE = [         # edit.sample: (flags after quick settings, message); th
           ("--mix {run}/spectral_shifts.safetensors {run}/spectral_shifts.safetensors --mix-layers coarse "
            "--shift {run}/spectral_shifts.safetensors", "give one way of combining shifts"),
           ("--shift {lora_run}/pytorch_lora_weights.safetensors",
-           "a LoRA file, not a spectral shift file: give it with --lora"),
+           "a LoRA file, not a spectral shift file (edit.sample reads it with --lora)"),
           ("--lora {run}/spectral_shifts.safetensors", "a spectral shift file, not a LoRA: give it with --shift"),
           ("--lora {lora}", "not a LoRA file of this project"),          # kohya's names, no metadata
+          ("--lora {lora_unbound}", "names no base model"),
           ("--lora {root}/missing.safetensors", "no such LoRA file"),
           ("--lora {file}", "not a readable safetensors file"),
           ("--lora {lora_run}/pytorch_lora_weights.safetensors:nan", "the weight must be a finite number"),

@@ -306,10 +306,12 @@ def test_method_lora_trains_with_the_unmix_loss_and_samples_with_edit_sample(fil
     assert not (out / "spectral_shifts.safetensors").exists()
     tensors = safetensors.torch.load_file(out / lora.RESULT_NAME)
     assert any(t.abs().max() > 0 for name, t in tensors.items() if name.endswith("lora_B.weight"))
-    grid = tmp_path / "pair.png"
-    assert sample.main(["--model", files["base"], "--lora", str(out / lora.RESULT_NAME),
-                        "--prompt", "a sks star sitting beside a zwx star", "--num-images", "1",
-                        "--sample-steps", "2", "--quiet", "--output", str(grid)]) == 0
+    assert any(int(r["cut_mixed"]) for r in rows)
+    for name, extra in (("base", []), ("lora", ["--lora", str(out / lora.RESULT_NAME)])):
+        assert sample.main(["--model", files["base"], *extra, "--prompt", "a sks star sitting beside a zwx star",
+                            "--num-images", "1", "--sample-steps", "2", "--quiet",
+                            "--output", str(tmp_path / f"{name}.png")]) == 0
+    assert not np.array_equal(*(np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("base", "lora")))
 
 
 def test_validation_prompts_show_pairs_in_new_phrasings_each_alone_and_the_classes():

@@ -43,8 +43,8 @@ def test_measure_counts_what_the_reader_sees():
         return world.Scene((world.Object("star", "center", 16, 16, 14, color=color),), "white", "")
 
     class FakeModel:  # hands out renders, as floats in [0, 1] like StableDiffusion.generate
-        def __init__(self, orange):
-            self.orange = orange
+        def __init__(self, orange, striped=True):
+            self.orange, self.striped = orange, striped
 
         def generate(self, prompts, steps, guidance, seed, progress, batch_size):
             asked.append((list(prompts), steps, guidance, seed))
@@ -54,11 +54,12 @@ def test_measure_counts_what_the_reader_sees():
             if "sks" in prompts[0]:
                 scenes = [world.subject_scene("striped_star", rng) for _ in prompts]
             else:
-                scenes = [world.subject_scene("striped_star", rng) if i == 3 and self.orange > 1 else
+                scenes = [world.subject_scene("striped_star", rng) if i == 3 and self.striped else
                           star("orange" if i in (5, 6)[:self.orange] else "red") for i in range(len(prompts))]
             return np.stack([world.render(s) for s in scenes])
 
-    base = subjects.class_readings(FakeModel(orange=1), "a star", 8, sample_steps=7, guidance=3.0, seed=5)
+    base = subjects.class_readings(FakeModel(orange=1, striped=False), "a star", 8, sample_steps=7,
+                                   guidance=3.0, seed=5)
     fidelity, drift = subjects.measure(FakeModel(orange=2), "striped_star", "a sks star", "a star", samples=8,
                                        sample_steps=7, guidance=3.0, seed=5, base_readings=base)
     assert (fidelity, drift) == (1.0, 2 / 8)
@@ -70,7 +71,7 @@ def test_measure_counts_what_the_reader_sees():
     more_orange = subjects.class_readings(FakeModel(orange=2), "a star", 8, 7, 3.0, 5)
     _, drift = subjects.measure(FakeModel(orange=1), "striped_star", "a sks star", "a star", 8, 7, 3.0, 5,
                                 base_readings=more_orange)
-    assert drift == 0.0
+    assert drift == 1 / 8                                                   # the stripes alone
 
 
 def test_pair_prompts_cycle_every_pair_in_both_orders_and_every_unplaced_phrasing():

@@ -166,7 +166,7 @@ class RunConfig:
                               "(the paper's), 1e-2 on the bundled tiny model. With --method full, "
                               "of the weights: 5e-6, 5e-4 on the bundled model; with --method "
                               "lora, of the adapters: 1e-4, 5e-3 on the bundled model", minimum=0)
-    lr_1d: float = option(1e-6, "learning rate of the norm-scale shifts", minimum=0)
+    lr_1d: float = option(1e-6, "learning rate of the norm-scale shifts (spectral shifts only)", minimum=0)
     steps: int = option(500, "optimizer steps (a resumed run may be given more)", minimum=1,
                         same_on_resume=False)
     batch_size: int | None = option(None, "images per step (with prior preservation, as many "
@@ -209,7 +209,8 @@ class RunConfig:
                              "(without it, a run refuses to write over them)", same_on_resume=False)
     output_dir: str = option("runs/single", "where everything is written", metavar="DIR", same_on_resume=False)
     svd_cache: str | None = option(None, "directory caching the SVD of the base weights (computed "
-                                   "once per base model); default: ~/.cache/svdiff/svd",
+                                   "once per base model; spectral shifts only); default: "
+                                   "~/.cache/svdiff/svd",
                                    metavar="DIR", same_on_resume=False)
     device: str = option("cuda" if torch.cuda.is_available() else "cpu", "cpu, cuda, cuda:1, ...",
                          metavar="DEVICE")

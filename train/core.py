@@ -51,10 +51,11 @@ from train.log import TrainingLog, plot_losses
 # lr 1e-2, batch 8, with the text encoder's shifts trained too give 88% subject fidelity and 0%
 # prior drift (UNet only, batch 4: 2% / 2%; a full fine-tune at 5e-4, batch 4: 88% / 48%; README).
 # Earlier weights: lr 5e-3 gave 62% / 22%, lr 1e-3 only 23% fidelity after 200 steps.
-# LoRA (rank 4, UNet + text): diffusers' DreamBooth-LoRA lr 1e-4 on SD; on the bundled model a
-# sweep of 500-step runs gave 4 / 8 / 6 / 14 / 6 / 4 / 0% fidelity at lr 1e-3 / 2e-3 / 3e-3 /
-# 5e-3 / 7e-3 / 1e-2 / 3e-2 (from 1e-2 on the samples fall apart), so 5e-3. Its layers are too
-# small to split over threads (2 threads ran 7x slower than 1 on a busy 2-core machine).
+# LoRA (rank 4, UNet + text): 1e-4 on SD, as diffusers' DreamBooth-LoRA examples; on the
+# bundled model a sweep of 500-step runs gave 4 / 8 / 6 / 14 / 6 / 4 / 0% fidelity at lr 1e-3 /
+# 2e-3 / 3e-3 / 5e-3 / 7e-3 / 1e-2 / 3e-2 (from 1e-2 on the samples fall apart), so 5e-3. Its
+# layers are too small to split over threads (2 threads ran 7x slower than 1 on a busy 2-core
+# machine).
 # Guidance: the model's own (StableDiffusion.default_guidance).
 MODEL_DEFAULTS = {None: {"lr": 1e-3, "full_lr": 5e-6, "lora_lr": 1e-4, "threads": None,
                          "batch_size": 4, "train_text_encoder": False},
@@ -200,7 +201,7 @@ def load_checkpoint(path: Path, model, optimizer, scaler, fingerprint: str, conf
                                 {k: p.shape for k, p in parameters.items()})
     if problem:
         raise DataError(f"{what} holds other trained tensors than this run makes (another "
-                        f"--train-text-encoder / --method setting?): {problem}")
+                        f"--train-text-encoder / --method / --lora-rank setting?): {problem}")
     with torch.no_grad():
         for name, value in state["parameters"].items():
             parameters[name].copy_(value)

@@ -16,7 +16,7 @@ encoder, its self-attention q_proj, k_proj, v_proj, out_proj.
 File names: diffusers' PEFT layout (what diffusers' load_lora_weights reads),
     unet.<diffusers module path>.lora_A.weight (r, n) / .lora_B.weight (m, r)
     text_encoder.text_model.<path>.lora_A.weight / .lora_B.weight
-with our CompVis module paths renamed (`diffusers_name`; ldm/diffusers_layout.py renames back).
+with our CompVis module paths renamed (`file_name`; `our_name` renames back).
 The file's metadata (JSON strings, as shift files') adds format "svdiff-lora/1", rank, alpha
 and the base model's fingerprint; diffusers ignores it.
 
@@ -56,7 +56,8 @@ class LoRALinear(nn.Module):
         self.base = base.requires_grad_(False)
         self.scale = (alpha if alpha is not None else rank) / rank
         a = torch.empty(rank, base.in_features)
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)   # nn.Linear's init, as PEFT
+        # nn.Linear's init, PEFT's default (diffusers' DreamBooth-LoRA script asks for gaussian)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
         self.lora_A = nn.Parameter(a.to(base.weight.device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
 
@@ -164,14 +165,15 @@ def save(path: str | os.PathLike, adapted: dict[str, dict[str, LoRALinear]], con
     the training args) is stored as JSON beside format, rank and alpha."""
     layer = next(layer for layers in adapted.values() for layer in layers.values())
     rank = layer.lora_A.shape[0]
-    header = {"format": FORMAT, "rank": rank, "alpha": layer.scale * rank, **metadata}
+    header = {**metadata, "format": FORMAT, "rank": rank, "alpha": layer.scale * rank}
     tensors = state_dict(adapted, config)
     save_file(tensors, path, metadata={k: json.dumps(v, default=str) for k, v in header.items()})
 
 
-def read(path: str | os.PathLike, expect_fingerprint: str) -> tuple[dict[str, torch.Tensor], float]:
-    """A LoRA file written by `save` -> ({PEFT layer name: B A}, alpha / rank). A shift file, a
-    file of something else, or one trained on another base model: ShiftFileError, one line."""
+def read(path: str | os.PathLike, expect_fingerprint: str) -> dict[str, torch.Tensor]:
+    """A LoRA file written by `save` -> {PEFT layer name: (alpha / r) B A}, r each layer's
+    rank (lora_A's rows). A shift file, another tool's file, a damaged one or one trained on
+    another base model: ShiftFileError, one line."""
     tensors, raw = read_safetensors(path, what="LoRA file")
     found = raw.get("format", "").strip('"')   # JSON strings here; other tools write plain ones
     if found != FORMAT:
@@ -179,17 +181,25 @@ def read(path: str | os.PathLike, expect_fingerprint: str) -> tuple[dict[str, to
             raise ShiftFileError(f"{path}: a spectral shift file, not a LoRA: give it with --shift")
         raise ShiftFileError(f"{path}: not a LoRA file of this project (format {found!r}, "
                              f"this version reads {FORMAT!r})")
-    fingerprint = json.loads(raw.get("base_fingerprint", "null"))   # ours: JSON, as `save` wrote it
+    try:
+        metadata = {key: json.loads(value) for key, value in raw.items()}
+    except json.JSONDecodeError as error:
+        raise ShiftFileError(f"{path}: metadata is not JSON ({error})") from None
+    fingerprint = metadata.get("base_fingerprint")
+    if not fingerprint:
+        raise ShiftFileError(f"{path}: names no base model (no base_fingerprint in its metadata)")
     if fingerprint != expect_fingerprint:
         raise ShiftFileError(f"{path} was trained on another base model (fingerprint "
                              f"{str(fingerprint)[:16]}, this model {expect_fingerprint[:16]})")
     names = {name.rsplit(".lora_", 1)[0] for name in tensors}
+    if not names:
+        raise ShiftFileError(f"{path}: holds no LoRA layers")
     try:
-        updates = {name: tensors[f"{name}.lora_B.weight"].float() @ tensors[f"{name}.lora_A.weight"].float()
-                   for name in names}
-    except (KeyError, RuntimeError):
+        pairs = {name: (tensors[f"{name}.lora_A.weight"].float(), tensors[f"{name}.lora_B.weight"].float())
+                 for name in names}
+        return {name: (metadata.get("alpha") or len(a)) / len(a) * (b @ a) for name, (a, b) in pairs.items()}
+    except (KeyError, RuntimeError, TypeError, ZeroDivisionError):
         raise ShiftFileError(f"{path}: its lora_A / lora_B entries do not pair up (damaged file?)") from None
-    return updates, json.loads(raw["alpha"]) / json.loads(raw["rank"])
 
 
 def merge_file(model: nn.Module, path: str | os.PathLike, weight: float = 1.0,
@@ -198,19 +208,21 @@ def merge_file(model: nn.Module, path: str | os.PathLike, weight: float = 1.0,
     in place (its float32 weights: the merge is exact to float32 rounding). The file must
     have been trained on `base_fingerprint`: the model's own unless something (another file,
     a shift) is merged into it already."""
-    updates, scale = read(path, base_fingerprint or model.base_fingerprint())
+    updates = read(path, base_fingerprint or model.base_fingerprint())
     components = {"unet": model.unet, "text": model.text_encoder}
     targets = {}
-    for name, update in updates.items():
+    for name in updates:
         try:
             component, module_path = our_name(name, model.unet.config)
             targets[name] = components[component].get_submodule(module_path)
         except (ValueError, AttributeError):
-            raise ShiftFileError(f"{path}: layer {name} is not in this model") from None
+            targets[name] = None
+        if not isinstance(targets[name], nn.Linear):
+            raise ShiftFileError(f"{path}: layer {name} is not a Linear layer of this model")
     problem = describe_mismatch({n: tuple(u.shape) for n, u in updates.items()},
                                 {n: tuple(m.weight.shape) for n, m in targets.items()})
     if problem:
         raise ShiftFileError(f"{path} does not fit this model: {problem}")
     with torch.no_grad():
         for name, module in targets.items():
-            module.weight += (weight * scale * updates[name]).to(module.weight)
+            module.weight += (weight * updates[name]).to(module.weight)

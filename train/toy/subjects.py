@@ -125,8 +125,8 @@ def measure_subjects(model, subjects, samples, sample_steps, guidance, seed, bas
     alone = np.mean([reader.subject_fidelity(read(placed(prompt, samples)), name)
                      for name, prompt, _ in subjects])
     drift = []
-    for class_prompt, base in base_readings.items():
-        readings = read(placed(class_prompt, samples))
+    for class_prompt in dict.fromkeys(c for _, _, c in subjects):
+        readings, base = read(placed(class_prompt, samples)), base_readings[class_prompt]
         colors = {c for name, _, category in subjects if category == class_prompt for c in world.SUBJECTS[name].colors}
         drift.append(np.mean([any(o["pattern"] != "plain" for o in r) for r in readings])
                      + reader.color_rise(readings, base, colors))
