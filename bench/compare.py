@@ -47,7 +47,6 @@ import spectral
 from edit import sample, shifts
 from ldm.checkpoint import DEFAULT_MODEL, load
 from train import lora, single
-from train.single import SingleConfig
 from train.toy import reader, subjects
 from train.trainable import freeze, make_trainable
 
@@ -132,19 +131,17 @@ def step_times(args, repeats: int = 15) -> dict[str, float]:
     variants = {}
     for label in ["frozen base", *METHODS]:
         model = load(DEFAULT_MODEL)
-        flags = METHODS.get(label, [])
-        config = SingleConfig(method=flags[1] if flags else "spectral", svd_cache=str(args.output_dir / "svd"),
-                              lora_rank=int(flags[3]) if "--lora-rank" in flags else None,
-                              train_text_encoder=not flags or flags[1] == "lora")
         optimizer = None
-        if label != "frozen base":
+        if label != "frozen base":   # the run's own settings, resolved as train.single does
+            config = single.parse_args([*METHODS[label], "--svd-cache", str(args.output_dir / "svd")])
+            config = single.resolve(single.with_example(config), model, model.base_fingerprint())
             trainable = make_trainable(model, config)
-            optimizer = torch.optim.AdamW(trainable.param_groups(1e-3, 1e-6))
+            optimizer = torch.optim.AdamW(trainable.param_groups(config.lr, config.lr_1d))
         else:
             freeze(model)
         model.unet.train()
         variants[label] = model, optimizer
-    size = model.image_size // 2 ** (len(model.vae.config.ch_mult) - 1)
+    size = model.image_size // model.latent_factor
     latents = torch.randn(16, model.vae.config.embed_dim, size, size, generator=generator)
     t = torch.randint(0, 1000, (16,), generator=generator)
     noise = torch.randn(latents.shape, generator=generator)

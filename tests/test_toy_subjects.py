@@ -58,7 +58,7 @@ def test_measure_counts_what_the_reader_sees():
                           star("orange" if i in (5, 6)[:self.orange] else "red") for i in range(len(prompts))]
             return np.stack([world.render(s) for s in scenes])
 
-    base = subjects.class_readings(FakeModel(orange=1, striped=False), "a star", 8, sample_steps=7,
+    base = subjects.placed_readings(FakeModel(orange=1, striped=False), "a star", 8, sample_steps=7,
                                    guidance=3.0, seed=5)
     fidelity, drift = subjects.measure(FakeModel(orange=2), "striped_star", "a sks star", "a star", samples=8,
                                        sample_steps=7, guidance=3.0, seed=5, base_readings=base)
@@ -68,7 +68,7 @@ def test_measure_counts_what_the_reader_sees():
     assert asked[0][0] == asked[2][0] and asked[0][0][:4] == ["a star", "a star on the left",
                                                               "a star in the center", "a star on the right"]
     assert [a[1:] for a in asked] == [(7, 3.0, 5)] * 3
-    more_orange = subjects.class_readings(FakeModel(orange=2), "a star", 8, 7, 3.0, 5)
+    more_orange = subjects.placed_readings(FakeModel(orange=2), "a star", 8, 7, 3.0, 5)
     _, drift = subjects.measure(FakeModel(orange=1), "striped_star", "a sks star", "a star", 8, 7, 3.0, 5,
                                 base_readings=more_orange)
     assert drift == 1 / 8                                                   # the stripes alone

@@ -185,7 +185,7 @@ def train(config: SingleConfig):
             images.build_cache(encode)
     measuring = config.eval_samples and example and core.is_toy_model(model)
     if measuring:   # the base model's class images: what the drift is measured against
-        base_readings = subjects.class_readings(model, config.class_prompt, config.eval_samples,
+        base_readings = subjects.placed_readings(model, config.class_prompt, config.eval_samples,
                                                 config.sample_steps, config.guidance, config.seed + 1)
     trainable = make_trainable(model, config)
     prompts = [config.instance_prompt, config.class_prompt][:len(image_sets)]

@@ -6,8 +6,8 @@ of their own, it takes the example from here and treats it like a user's subject
     EXAMPLE                                  the striped star, "a sks star" / "a star"
     write_instance_images(subject, folder)   its 5 "photos" as PNG files, which the trainer then
                                              reads back like a user's photos
-    class_readings(model, ...)               the base model's class images, as the reader sees
-                                             them: the reference of the drift
+    placed_readings(model, prompt, ...)      what the reader sees in a prompt's images (of the
+                                             base model: the reference of the drift)
     measure(model, subject, ...)             subject fidelity and prior drift of a trained model,
                                              as the image reader (reader.py) sees them
 """
@@ -52,10 +52,11 @@ def placed(prompt, samples):
     return [prompt + PLACES[i % len(PLACES)] for i in range(samples)]
 
 
-def class_readings(model, class_prompt, samples, sample_steps, guidance, seed):
-    """The reader's view of `samples` images of the class prompt (+ PLACES): taken of the base
-    model before training, the reference `measure` compares the trained model's drift with."""
-    images = model.generate(placed(class_prompt, samples), steps=sample_steps, guidance=guidance,
+def placed_readings(model, prompt, samples, sample_steps, guidance, seed):
+    """The reader's view of `samples` images of `prompt` (+ PLACES), sampled with DDIM
+    (`sample_steps`, `guidance`) from generator seed `seed`. Of the base model's class prompt,
+    before training: the reference `measure` compares the trained model's drift with."""
+    images = model.generate(placed(prompt, samples), steps=sample_steps, guidance=guidance,
                             seed=seed, progress=False, batch_size=50)
     return reader.read(images, reader.load_reader())
 
@@ -65,12 +66,10 @@ def measure(model, subject, instance_prompt, class_prompt, samples, sample_steps
     """(subject fidelity, prior drift) of a StableDiffusion `model`, each a share in [0, 1]:
     of `samples` images generated from the instance prompt, those the reader sees showing
     `subject` (any slot); of as many from the class prompt, reader.prior_drift against the
-    base model's `base_readings` of the same prompts (class_readings, same arguments).
-    Both sets are sampled with DDIM (`sample_steps`, `guidance`) from generator seed `seed`."""
-    images = model.generate(placed(instance_prompt, samples), steps=sample_steps, guidance=guidance,
-                            seed=seed, progress=False, batch_size=50)
-    fidelity = reader.subject_fidelity(reader.read(images, reader.load_reader()), subject)
-    readings = class_readings(model, class_prompt, samples, sample_steps, guidance, seed)
+    base model's `base_readings` of the same prompts (placed_readings, same arguments)."""
+    sampling = (samples, sample_steps, guidance, seed)
+    fidelity = reader.subject_fidelity(placed_readings(model, instance_prompt, *sampling), subject)
+    readings = placed_readings(model, class_prompt, *sampling)
     return fidelity, reader.prior_drift(readings, subject, base_readings)
 
 
@@ -93,8 +92,8 @@ def mixed(objects, asked):
 
 
 def base_class_readings(model, subjects, samples, sample_steps, guidance, seed):
-    """{class prompt: class_readings} of the base model for measure_subjects' drift."""
-    return {c: class_readings(model, c, samples, sample_steps, guidance, seed)
+    """{class prompt: placed_readings} of the base model for measure_subjects' drift."""
+    return {c: placed_readings(model, c, samples, sample_steps, guidance, seed)
             for c in dict.fromkeys(c for _, _, c in subjects)}
 
 
