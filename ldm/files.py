@@ -147,10 +147,14 @@ def file_format(path: str) -> str | None:
         head = f.read(9)
     if not head:
         raise CheckpointError(f"{path}: empty file")
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch zip archive, or a bare pickle
+    if head[:4] == b"PK\x03\x04":  # torch zip archive
         return "pickle"
-    if len(head) == 9 and head[8:9] == b"{":  # safetensors: header length, then JSON
+    # safetensors: the header's length (8 bytes, little-endian), then its JSON. Tested before a
+    # bare pickle's b"\x80": one header length in 256 starts with that byte too
+    if len(head) == 9 and head[8:9] == b"{":
         return "safetensors"
+    if head[:1] == b"\x80":  # a bare pickle (protocol 2 or later: legacy torch.save)
+        return "pickle"
     return None
 
 

@@ -81,6 +81,21 @@ def assert_same_outputs(a, b, exact=True):
 
 # ----------------------------------------------------------------------------- single files
 
+def test_a_safetensors_header_length_starting_with_a_pickle_byte_is_still_safetensors(tmp_path):
+    """The first 8 bytes are the header's length, little-endian: in one file of 256 the first
+    is 0x80, a bare pickle's first byte. Read with safetensors' own loader, tensors and metadata
+    are there (they were refused as a damaged pickle)."""
+    from ldm.files import read_single_file
+    tensors = {"w": torch.arange(6.0).view(2, 3)}
+    for padding in range(256):
+        path = tmp_path / f"{padding}.safetensors"
+        save_file(tensors, str(path), metadata={"note": "x" * padding})
+        if path.read_bytes()[0] == 0x80:
+            break
+    state_dict, metadata = read_single_file(str(path))
+    assert torch.equal(state_dict["w"], tensors["w"]) and metadata["note"] == "x" * padding
+
+
 def test_safetensors_round_trip(tiny):
     model, folder = tiny
     path = str(folder / "model.safetensors")
