@@ -4,7 +4,7 @@
     python -m train.toy.pretrain --output-dir DIR --resume   # continue it from runs/pretrain/
     python -m train.toy.pretrain --overwrite                 # replace the bundled files in weights/
 
-Three stages, all with our ldm/ classes at tiny width, fp32, on CPU:
+Four stages, all with our ldm/ classes at tiny width, fp32, on CPU:
 
 1. Tokenizer: CLIP-format BPE over the toy vocabulary (train/toy/tokenizer.py).
 2. VAE (AutoencoderKL, f = 2: 32x32x3 -> 16x16x4). Loss per image, as in CompVis' first stage
@@ -24,6 +24,23 @@ Three stages, all with our ldm/ classes at tiny width, fp32, on CPU:
    embeddings get no gradient and keep their random initialization (weight decay is 0 for
    that reason): like a rare token in real CLIP, they start out meaning nothing.
    The weights saved are an exponential moving average (decay `ema`) of the trained ones.
+4. Grounding: a fine-tune of stage 3's result (its EMA weights, a fresh AdamW, the same data,
+   batch and learning rate) for `ground_steps` steps that also supervise where a placed pair's
+   words look. Without it, "a red star on the left and a blue circle on the right" gives both
+   objects, each on a random side (weights/README.md): the diffusion loss alone did not teach
+   the UNet to read a side from the side words within our budgets, though the text features
+   carry it. The two clauses of such a caption (c = "a red star on the left", c' = "a blue
+   circle on the right") each own a half of the image; at every position q of c's half,
+       L_ground = -log( A_c(q) / (A_c(q) + A_c'(q)) ),
+   A_c(q) = the attention probability from q to c's tokens (summed over them, averaged over
+   heads), averaged over q, clauses, placed pairs in the batch and every cross-attention layer
+   (8x8 and 4x4). A ratio between the two clauses, not train.multi's squared share (the unmix
+   loss): that one fell to 0 while the sides stayed random (a share is also small when a clause
+   gets little attention anywhere). Loss: diffusion + ground_weight * L_ground. Run as a
+   continuation of stage 3 (its raw weights and optimizer state) the same loss did not bind;
+   as a fine-tune it did (weights/README.md, Quality bar). Supervising cross-attention with
+   where objects are is TokenCompose's idea (Wang et al., 2024), which fine-tunes SD with
+   object masks; the toy world knows each object's half exactly.
 
 Resumable: the whole state (models, optimizer, EMA, stage, step) is written atomically
 (temp file + rename) every `save_every` steps to runs/pretrain/state.pt; each step draws its
@@ -33,6 +50,7 @@ grids: runs/pretrain/samples/. The result is ONE single-file checkpoint in CompV
 the config in its metadata (ldm.checkpoint.save_single_file): the same file format and loading
 path as a real SD 1.x checkpoint.
 """
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -53,6 +71,7 @@ from spectral.io import write_atomically
 from train import config as run_config
 from train.config import option
 from train.data import step_generator, to_tensor
+from train.multi import CrossAttentionMaps
 from train.toy import world
 from train.toy.architecture import build_unet_and_text, build_vae, bundle, check_architecture
 from train.toy.tokenizer import build as build_tokenizer
@@ -101,6 +120,10 @@ class PretrainConfig:
                              "0 to 1", minimum=0, maximum=1)
     ema: float = option(0.999, "decay of the weights' moving average, which is what is saved; "
                         "at least 0, below 1", minimum=0, below=1)
+    # grounding (stage 4)
+    ground_steps: int = option(3000, "steps of grounding, a fine-tune of the --steps result that "
+                               "also trains where placed pairs' words look (0: none)", minimum=0)
+    ground_weight: float = option(0.02, "weight of grounding's loss on the cross-attention", minimum=0)
     # bookkeeping
     save_every: int = option(250, "write the resumable state every N steps", minimum=1)
     sample_every: int = option(500, "write a sample grid every N UNet steps", minimum=1)
@@ -113,7 +136,7 @@ SAMPLE_PROMPTS = [
     "a red star", "a blue circle", "a green triangle", "a yellow heart",
     "a purple square on the left", "an orange star on the right",
     "a red star on the left and a blue circle on the right",
-    "a yellow square on the left and a green heart on the right",
+    "a green heart on the right and a yellow square on the left",
     "a green triangle beside a purple circle",
 ]
 
@@ -232,20 +255,37 @@ def train_unet(config, unet, text, scale_factor, data, state, work):
         ema_unet.load_state_dict(state["ema_unet"])
         ema_text.load_state_dict(state["ema_text"])
     ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
-    start = state.get("step", 0)
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="unet+text")
+    clauses, own_right = placed_pair_clauses(text, token_ids)
+    maps = None
+    start, total = state.get("step", 0), config.steps + config.ground_steps
+    bar = tqdm(range(start, total), initial=start, total=total, desc="unet+text")
     for step in bar:
         t0 = time.time()
+        grounding = step >= config.steps
+        if step == config.steps:     # stage 4 fine-tunes stage 3's result, with a fresh optimizer
+            unet.load_state_dict(ema_unet.state_dict())
+            text.load_state_dict(ema_text.state_dict())
+            opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+        if grounding and maps is None:   # from here on the attention runs as an explicit softmax
+            maps = CrossAttentionMaps(unet)
+            bar.set_description("grounding")
         g = step_generator(config.seed, step, stream=2)
         index = torch.randint(len(token_ids), (config.batch_size,), generator=g)
         z = data["mean"][index] + data["std"][index] * torch.randn(data["mean"][index].shape, generator=g)
         z = scale_factor * z
         ids = token_ids[index].clone()
-        ids[torch.rand(config.batch_size, generator=g) < config.p_uncond] = uncond_ids
+        dropped = torch.rand(config.batch_size, generator=g) < config.p_uncond
+        ids[dropped] = uncond_ids
         t = torch.randint(schedule.num_train_timesteps, (config.batch_size,), generator=g)
         noise = torch.randn(z.shape, generator=g)
-        pred = unet(schedule.add_noise(z, noise, t), t, text(ids))
+        with maps.forward_pass() if grounding else contextlib.nullcontext():
+            pred = unet(schedule.add_noise(z, noise, t), t, text(ids))
         loss = (pred - noise).pow(2).mean()
+        if grounding:   # on the placed pairs whose caption was kept
+            kept = (~dropped & clauses[index].any(dim=(1, 2))).nonzero().squeeze(1)
+            ground = loss.new_zeros(()) if not len(kept) else grounding_loss(
+                [m[kept] for m in maps.maps], clauses[index[kept]], own_right[index[kept]], z.shape[-2:])
+            loss = loss + config.ground_weight * ground
         for group in opt.param_groups:
             group["lr"] = lr_constant(step, config.lr, config.warmup)
         opt.zero_grad(set_to_none=True)
@@ -254,10 +294,13 @@ def train_unet(config, unet, text, scale_factor, data, state, work):
         opt.step()
         decay = min(config.ema, (1 + step) / (10 + step))   # short warmup of the average
         torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - decay)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        log_row(os.path.join(work, "log.csv"), dict(stage="unet", step=step + 1, loss=round(loss.item(), 5),
-                mse=round(grad_norm.item(), 4), lr=opt.param_groups[0]["lr"], seconds=round(time.time() - t0, 3)))
-        done = step + 1 == config.steps
+        shown = {"ground": f"{ground.item():.3f}"} if grounding else {}
+        bar.set_postfix(loss=f"{loss.item():.4f}", **shown)
+        log_row(os.path.join(work, "log.csv"), dict(
+            stage="ground" if grounding else "unet", step=step + 1, loss=round(loss.item(), 5),
+            mse=round(grad_norm.item(), 4), lr=opt.param_groups[0]["lr"],
+            seconds=round(time.time() - t0, 3)))
+        done = step + 1 == total
         if (step + 1) % config.save_every == 0 or done:
             state.update(unet=unet.state_dict(), text=text.state_dict(), opt=opt.state_dict(),
                          ema_unet=ema_unet.state_dict(), ema_text=ema_text.state_dict(), step=step + 1)
@@ -265,6 +308,46 @@ def train_unet(config, unet, text, scale_factor, data, state, work):
         if (step + 1) % config.sample_every == 0 or done:
             sample_grid(config, ema_unet, ema_text, schedule, work, step + 1)
     return ema_unet, ema_text
+
+
+def placed_pair_clauses(text, token_ids):
+    """The two clauses of every placed-pair caption, found in its tokens: clauses (N, 2, 77)
+    bool, True on the tokens of the caption's first / second clause ("a red star on the left" /
+    "a blue circle on the right", split at the "and" between the side words; all False for other
+    captions), and own_right (N, 2) bool: that clause's object is on the right."""
+    def word(w):
+        return text.tokenize([w])[0][1].item()
+    left, right, conjunction, end = word("left"), word("right"), word("and"), text.tokenizer.eos_token_id
+    clauses = torch.zeros(*token_ids.shape[:1], 2, token_ids.shape[1], dtype=torch.bool)
+    own_right = torch.zeros(len(token_ids), 2, dtype=torch.bool)
+    for n, ids in enumerate(token_ids.tolist()):
+        sides = [i for i, token in enumerate(ids) if token in (left, right)]
+        if len(sides) != 2:
+            continue                    # one object, or an unplaced pair: nothing to ground
+        split = next(i for i in range(sides[0], sides[1]) if ids[i] == conjunction)
+        clauses[n, 0, 1:split] = True
+        clauses[n, 1, split + 1:ids.index(end)] = True
+        own_right[n] = torch.tensor([ids[sides[0]] == right, ids[sides[1]] == right])
+    return clauses, own_right
+
+
+def grounding_loss(maps, clauses, own_right, latent_size):
+    """Stage 4's L_ground (module docstring). maps: one (B, Lq, 77) per cross-attention layer,
+    probabilities averaged over heads, Lq = (h/ds) * (w/ds) for the latent size (h, w);
+    clauses (B, 2, 77), own_right (B, 2): placed_pair_clauses of the B captions."""
+    h, w = latent_size
+    per_layer = []
+    for attention in maps:
+        ds = round(math.sqrt(h * w / attention.shape[1]))
+        rows, cols = h // ds, w // ds
+        shares = torch.einsum("bqk,bck->bcq", attention, clauses.to(attention))  # (B, 2, Lq): A_c(q)
+        ratio = shares / (shares.sum(dim=1, keepdim=True) + 1e-8)
+        column = torch.arange(cols)
+        half = cols // 2
+        own_half = torch.where(own_right[..., None], column >= cols - half, column < half)  # (B, 2, cols)
+        nll = -torch.log(ratio + 1e-6).view(*ratio.shape[:2], rows, cols)
+        per_layer.append((nll * own_half[:, :, None, :]).sum(dim=(2, 3)).mean() / (rows * half))
+    return torch.stack(per_layer).mean()
 
 
 def sample_grid(config, unet, text, schedule, work, step):
@@ -361,7 +444,7 @@ def run(config, state):
         unet.load_state_dict(state["unet"])
         text.load_state_dict(state["text"])
     sample_grid.vae = vae
-    if state.get("step", 0) < config.steps:    # also: resumed with more --steps than before
+    if state.get("step", 0) < config.steps + config.ground_steps:   # also: resumed with more steps
         state["stage"] = "unet"
         unet, text = train_unet(config, unet, text, vae.config.scale_factor, data, state, work)
     else:

@@ -274,7 +274,8 @@ def prior_drift(readings, subject, base_readings):
 
 def prompt_sets(n, seed=0):
     """The standard prompt sets, n prompts each: single objects (every color x shape in turn),
-    single objects with a position, two objects with positions (random, seeded)."""
+    single objects with a position, two objects with positions (random, seeded; left first, and
+    the same pairs right first), two objects without positions."""
     rng = np.random.default_rng(seed)
     combos = [(c, s) for s in world.SHAPES for c in world.COLORS]
 
@@ -284,19 +285,22 @@ def prompt_sets(n, seed=0):
     single = [phrase(*combos[i % len(combos)]) for i in range(n)]
     placed = [f"{phrase(*combos[rng.integers(len(combos))])} {world.POSITION_PHRASE[SLOTS[i % 3]]}"
               for i in range(n)]
-    two, unplaced = [], []
+    two, reversed_, unplaced = [], [], []
     for i in range(n):
         a, b = rng.choice(len(combos), 2, replace=False)
         two.append(f"{phrase(*combos[a])} on the left and {phrase(*combos[b])} on the right")
+        reversed_.append(f"{phrase(*combos[b])} on the right and {phrase(*combos[a])} on the left")
         a, b = rng.choice(len(combos), 2, replace=False)
         unplaced.append(f"{phrase(*combos[a])} {world.PAIR_WORDS[i % 3]} {phrase(*combos[b])}")
     return {"single": single, "single, placed": placed, "two objects": two,
-            "two, unplaced": unplaced}
+            "two, reversed": reversed_, "two, unplaced": unplaced}
 
 
-# two placed objects are what the model learns last (weights/README.md); an unplaced pair
+# a placed pair's objects on their named sides is what the model learns last (weights/README.md),
+# in both phrasing orders: the same pairs right first ("a blue circle on the right and a red
+# star on the left") show whether it reads the side words or only their order; an unplaced pair
 # ("a red star beside a blue circle") is the held-out phrasing of train.multi's measurement
-BAR = {"single": 0.8, "two objects": 0.5, "two, unplaced": 0.7}
+BAR = {"single": 0.8, "two objects": 0.5, "two, reversed": 0.5, "two, unplaced": 0.7}
 
 
 def quality_bar(model, eval_samples=100, sample_steps=25, guidance=4.0, seed=0, output_dir=None,
