@@ -48,9 +48,9 @@ from train.log import TrainingLog, plot_losses
 # Defaults that depend on what the model is (StableDiffusion.made_by, not where its file is).
 # SD: the paper's lr (DreamBooth's for a full fine-tune), torch's threads. The bundled tiny model
 # must learn a subject in a few hundred CPU steps: on its weights, train.single's 500 steps at
-# lr 1e-2, batch 8, with the text encoder's shifts trained too give 88% subject fidelity and 2%
-# prior drift, colors counted (UNet only, batch 4: 2% / 34%; a full fine-tune at 5e-4, batch 4:
-# 88% / 60%; README, bench/single_table.py).
+# lr 1e-2, batch 8, with the text encoder's shifts trained too give 82% subject fidelity and 0%
+# prior drift, colors counted (UNet only, batch 4: 70% / 34%; a full fine-tune at 5e-4, batch 4:
+# 60% / 2%; README, bench/single_table.py).
 # Earlier weights: lr 5e-3 gave 62% / 22%, lr 1e-3 only 23% fidelity after 200 steps.
 # LoRA (rank 4, UNet + text): 1e-4 on SD, as diffusers' DreamBooth-LoRA examples; on the
 # bundled model a sweep of 500-step runs gave 4 / 8 / 6 / 14 / 6 / 4 / 0% fidelity at lr 1e-3 /
