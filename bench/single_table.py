@@ -7,7 +7,7 @@ text encoder's shifts, the batch, the prior loss), then per run the toy world's 
 --eval-samples images of the instance prompt (subject fidelity: the share showing the subject)
 and of the class prompt (prior drift against the base model's samples of the same seeds:
 reader.prior_drift, patterns and colors), with the seeds train.single's own headline uses.
-About 12 minutes on 2 CPU cores.
+About 13 minutes on 2 CPU cores.
 """
 
 import argparse
