@@ -396,11 +396,21 @@ def unmix_targets(layouts: list[Layout], token_ids: torch.Tensor,
     return targets
 
 
+def half_columns(latent_size: tuple[int, int], num_queries: int, right: torch.Tensor):
+    """(rows, cols, mask) of a cross-attention map with num_queries = rows * cols positions over
+    a latent of size (h, w); mask (*right.shape, cols): True on the columns of the right half
+    where `right` is True, of the left half elsewhere (a centre column, if any, is in neither)."""
+    h, w = latent_size
+    ds = round(math.sqrt(h * w / num_queries))
+    rows, cols = h // ds, w // ds
+    column, half = torch.arange(cols), cols // 2
+    return rows, cols, torch.where(right[..., None], column >= cols - half, column < half)
+
+
 def unmix_loss(maps: list[torch.Tensor], targets, latent_size: tuple[int, int]) -> torch.Tensor:
     """The mean over layers and targets of the squared attention of a subject's tokens over
     the other subject's half (the module docstring's L_unmix). maps: (B, Lq, 77) per layer,
     Lq = (h/ds) * (w/ds) for the latent size (h, w) and the layer's downsampling ds."""
-    h, w = latent_size
     examples = torch.tensor([b for b, _, _ in targets])
     tokens = torch.zeros(len(targets), maps[0].shape[-1])       # (T, 77): 1 on the identifier
     for i, (_, positions, _) in enumerate(targets):
@@ -408,14 +418,10 @@ def unmix_loss(maps: list[torch.Tensor], targets, latent_size: tuple[int, int]) 
     avoid_right = torch.tensor([avoid == "right" for _, _, avoid in targets])
     per_layer = []
     for attention in maps:
-        ds = round(math.sqrt(h * w / attention.shape[1]))
-        rows, cols = h // ds, w // ds
-        half = cols // 2
-        column = torch.arange(cols)
-        wrong = torch.where(avoid_right[:, None], column >= cols - half, column < half)   # (T, cols)
+        rows, cols, wrong = half_columns(latent_size, attention.shape[1], avoid_right)   # (T, cols)
         shares = torch.einsum("tqk,tk->tq", attention[examples], tokens.to(attention))   # (T, Lq)
         squared = shares.view(len(targets), rows, cols).pow(2) * wrong[:, None, :].to(shares)
-        per_layer.append(squared.sum(dim=(1, 2)) / (rows * half))
+        per_layer.append(squared.sum(dim=(1, 2)) / (rows * (cols // 2)))
     return torch.stack(per_layer).mean()
 
 

@@ -71,7 +71,7 @@ from spectral.io import write_atomically
 from train import config as run_config
 from train.config import option
 from train.data import step_generator, to_tensor
-from train.multi import CrossAttentionMaps
+from train.multi import CrossAttentionMaps, half_columns
 from train.toy import world
 from train.toy.architecture import build_unet_and_text, build_vae, bundle, check_architecture
 from train.toy.tokenizer import build as build_tokenizer
@@ -255,7 +255,6 @@ def train_unet(config, unet, text, scale_factor, data, state, work):
         ema_unet.load_state_dict(state["ema_unet"])
         ema_text.load_state_dict(state["ema_text"])
     ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
-    clauses, own_right = placed_pair_clauses(text, token_ids)
     maps = None
     start, total = state.get("step", 0), config.steps + config.ground_steps
     bar = tqdm(range(start, total), initial=start, total=total, desc="unet+text")
@@ -268,6 +267,8 @@ def train_unet(config, unet, text, scale_factor, data, state, work):
             opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
         if grounding and maps is None:   # from here on the attention runs as an explicit softmax
             maps = CrossAttentionMaps(unet)
+            clauses, own_right = placed_pair_clauses(text, token_ids)
+            placed = clauses.any(dim=(1, 2))
             bar.set_description("grounding")
         g = step_generator(config.seed, step, stream=2)
         index = torch.randint(len(token_ids), (config.batch_size,), generator=g)
@@ -282,7 +283,7 @@ def train_unet(config, unet, text, scale_factor, data, state, work):
             pred = unet(schedule.add_noise(z, noise, t), t, text(ids))
         loss = (pred - noise).pow(2).mean()
         if grounding:   # on the placed pairs whose caption was kept
-            kept = (~dropped & clauses[index].any(dim=(1, 2))).nonzero().squeeze(1)
+            kept = (~dropped & placed[index]).nonzero().squeeze(1)
             ground = loss.new_zeros(()) if not len(kept) else grounding_loss(
                 [m[kept] for m in maps.maps], clauses[index[kept]], own_right[index[kept]], z.shape[-2:])
             loss = loss + config.ground_weight * ground
@@ -335,18 +336,13 @@ def grounding_loss(maps, clauses, own_right, latent_size):
     """Stage 4's L_ground (module docstring). maps: one (B, Lq, 77) per cross-attention layer,
     probabilities averaged over heads, Lq = (h/ds) * (w/ds) for the latent size (h, w);
     clauses (B, 2, 77), own_right (B, 2): placed_pair_clauses of the B captions."""
-    h, w = latent_size
     per_layer = []
     for attention in maps:
-        ds = round(math.sqrt(h * w / attention.shape[1]))
-        rows, cols = h // ds, w // ds
+        rows, cols, own_half = half_columns(latent_size, attention.shape[1], own_right)  # (B, 2, cols)
         shares = torch.einsum("bqk,bck->bcq", attention, clauses.to(attention))  # (B, 2, Lq): A_c(q)
         ratio = shares / (shares.sum(dim=1, keepdim=True) + 1e-8)
-        column = torch.arange(cols)
-        half = cols // 2
-        own_half = torch.where(own_right[..., None], column >= cols - half, column < half)  # (B, 2, cols)
         nll = -torch.log(ratio + 1e-6).view(*ratio.shape[:2], rows, cols)
-        per_layer.append((nll * own_half[:, :, None, :]).sum(dim=(2, 3)).mean() / (rows * half))
+        per_layer.append((nll * own_half[:, :, None, :]).sum(dim=(2, 3)).mean() / (rows * (cols // 2)))
     return torch.stack(per_layer).mean()
 
 
