@@ -1,5 +1,6 @@
-"""CoSINE's edit table on the bundled model: edit success and preservation per method, which
-starting point suits which edit kind, and the inversion's reconstruction error versus DDIM steps.
+"""CoSINE's edit table on the bundled model: edit success and preservation per method and
+starting point, which starting point suits which edit kind, and the inversion's reconstruction
+error versus DDIM steps.
 
     python bench/cosine_table.py                 # 34 scenes x 3 edits (102), on 2 CPU cores
     python bench/cosine_table.py --scenes 3      # a quick look
@@ -118,6 +119,14 @@ def report(results: dict, errors: dict, scenes: int) -> str:
                          f"{share(fresh, 'preserved'):.0%} | {both(fresh):.0%} | {share(fresh, 'background'):.0%} |")
     lines += ["", "Best setting per kind: " + "; ".join(
         f"{method}: " + ", ".join(f"{k} -> {s}" for k, s in best.items()) for method, best in picks.items())]
+    lines += ["", "Per setting, every method: both right / background kept, all edit kinds",
+              "", "| setting | " + " | ".join(METHODS) + " |", "|---|" + "---|" * len(METHODS)]
+    for label in [s.label(True) for s in INVERSION] + [FRESH.label(False)]:
+        cells = []
+        for method in METHODS:
+            rows = [r for r in results[method] if r["setting"] == label]
+            cells.append(f"{both(rows):.0%} / {share(rows, 'background'):.0%}" if rows else "-")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "Per setting (CoSINE, spectral shifts): both right / success / preserved, per edit kind",
               "", "| setting | " + " | ".join(edits.ATTRIBUTES) + " |", "|---|" + "---|" * len(edits.ATTRIBUTES)]
     for label in [s.label(True) for s in INVERSION] + [FRESH.label(False)]:
