@@ -67,7 +67,10 @@ def _refuse_other_models(state_dict: dict) -> None:
             what = "no Stable Diffusion UNet keys (model.diffusion_model.*); first keys: " + \
                    ", ".join(keys[:3])
         raise CheckpointError(what)
-    in_channels = state_dict[UNET_PREFIX + "input_blocks.0.0.weight"].shape[1]
+    first_conv = state_dict.get(UNET_PREFIX + "input_blocks.0.0.weight")
+    if first_conv is None:
+        raise CheckpointError(f"incomplete checkpoint (no {UNET_PREFIX}input_blocks.0.0.weight)")
+    in_channels = first_conv.shape[1]
     special = {9: "an inpainting model", 5: "a depth-conditioned model", 7: "an upscaler",
                8: "an InstructPix2Pix model"}
     if in_channels != 4:

@@ -128,7 +128,9 @@ def _check(matrix: Tensor, key: str, stored: dict[str, Tensor], metadata: dict[s
         return f"stale (shapes {tuple(U.shape)}, {tuple(S.shape)}, {tuple(Vh.shape)} for a {m}x{n} weight)"
     if not all(torch.isfinite(t).all() for t in (U, S, Vh)):
         return "corrupt (non-finite values)"
-    probe = torch.randn(n, 1, dtype=torch.float64, device=matrix.device)
+    # a generator of its own: whether the cache was warm must not change the global RNG stream
+    generator = torch.Generator(device=matrix.device).manual_seed(0)
+    probe = torch.randn(n, 1, dtype=torch.float64, device=matrix.device, generator=generator)
     expected = matrix.double() @ probe
     rebuilt = U.double() @ (S.double()[:, None] * (Vh.double() @ probe))
     error = (rebuilt - expected).norm() / expected.norm().clamp_min(1e-30)

@@ -33,8 +33,10 @@ except ImportError:  # triton is optional: CUDA speed-up and tests only
 
 def reconstruct_torch(U: Tensor, sigma: Tensor, delta: Tensor, Vh: Tensor) -> Tensor:
     """(U * ReLU(sigma + delta)) @ Vh with plain torch ops; (m, r), (r,), (r,), (r, n) -> (m, n):
-    the reference form's W_delta, with the scale in float32 as in the Triton kernel."""
-    return reference.shifted_weight(U, sigma.float(), delta.float(), Vh)
+    the reference form's W_delta, with the scale in float32 (float64 for float64 weights) as in
+    the Triton kernel."""
+    scale_dtype = torch.promote_types(sigma.dtype, torch.float32)
+    return reference.shifted_weight(U, sigma.to(scale_dtype), delta.to(scale_dtype), Vh)
 
 
 if triton is not None:
@@ -93,7 +95,8 @@ def reconstruct_triton(U: Tensor, sigma: Tensor, delta: Tensor, Vh: Tensor,
 
 
 def reconstruct(U: Tensor, sigma: Tensor, delta: Tensor, Vh: Tensor) -> Tensor:
-    """W_delta = (U * ReLU(sigma + delta)) @ Vh, (m, n): Triton on CUDA, torch elsewhere."""
-    if U.is_cuda and triton is not None:
+    """W_delta = (U * ReLU(sigma + delta)) @ Vh, (m, n): Triton on CUDA (half and float32
+    weights; its accumulator is float32), torch elsewhere."""
+    if U.is_cuda and triton is not None and U.dtype != torch.float64:
         return reconstruct_triton(U, sigma, delta, Vh)
     return reconstruct_torch(U, sigma, delta, Vh)

@@ -33,12 +33,12 @@ class ShiftedNorm(nn.Module):
         self.delta = nn.Parameter(torch.zeros_like(layer.weight, dtype=torch.float32))
 
     def forward(self, x: Tensor) -> Tensor:
-        # scale and bias in the input's dtype: under autocast x may be half while both are fp32
-        scale = (self.weight + self.delta).to(x.dtype)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
+        # the scale the merged layer (to_plain) holds, in gamma's dtype: under autocast the op then
+        # casts it as it would the plain layer's (no early rounding of a float32 gamma to half)
+        scale = (self.weight + self.delta).to(self.weight.dtype)
         if self.num_groups is None:
-            return F.layer_norm(x, self.normalized_shape, scale, bias, self.eps)
-        return F.group_norm(x, self.num_groups, scale, bias, self.eps)
+            return F.layer_norm(x, self.normalized_shape, scale, self.bias, self.eps)
+        return F.group_norm(x, self.num_groups, scale, self.bias, self.eps)
 
     def to_plain(self, shifted: bool) -> nn.Module:
         if self.num_groups is None:

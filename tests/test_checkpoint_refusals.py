@@ -113,6 +113,8 @@ def test_inconsistent_weights_give_one_line_errors(tmp_path):
         "does not build an SD model": {UNET_PREFIX + "input_blocks.0.0.weight":
                                        torch.zeros(20, 4, 3, 3)},  # GroupNorm(32, 20)
         "incomplete checkpoint": {UNET_PREFIX + "middle_block.1.proj_in.weight": None},
+        "incomplete checkpoint (no model.diffusion_model.input_blocks.0.0.weight)":
+            {UNET_PREFIX + "input_blocks.0.0.weight": None},
         "UNet weights do not fit its config: 1 unexpected (middle_block.1.extra.weight)":
             {UNET_PREFIX + "middle_block.1.extra.weight": torch.zeros(2)},
         "of another shape": {VAE_PREFIX + "decoder.conv_out.bias": torch.zeros(5)},

@@ -101,3 +101,14 @@ def test_bad_entries_are_warned_about_and_recomputed(tmp_path, weight, damage):
     for a, b in zip(again, fresh):
         assert torch.equal(a, b)
     assert store.load(weight, key) is not None          # the recomputed entry was written back
+
+
+def test_a_hit_leaves_the_global_rng_where_a_miss_does(tmp_path, weight):
+    """The hit's check draws a probe; from its own generator, so a warm cache changes no stream."""
+    store = SVDCache(tmp_path)
+    torch.manual_seed(1)
+    store.get(weight)                                  # a miss: computes and stores
+    after_miss = torch.randn(3)
+    torch.manual_seed(1)
+    store.get(weight)                                  # a hit: loads and checks
+    assert torch.equal(torch.randn(3), after_miss)

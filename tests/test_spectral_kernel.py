@@ -61,3 +61,14 @@ def test_reconstruct_dispatches_to_the_fallback_on_cpu():
     torch.testing.assert_close(reconstruct(U, sigma, delta, Vh), reconstruct_torch(U, sigma, delta, Vh))
     expected = U @ torch.diag(torch.relu(sigma + delta)) @ Vh
     torch.testing.assert_close(reconstruct(U, sigma, delta, Vh), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_float64_weights_keep_float64_accuracy():
+    """The scale is float32 for half / float32 weights, but must not round float64 ones."""
+    torch.manual_seed(0)
+    U, Vh = torch.randn(30, 12, dtype=torch.float64), torch.randn(12, 17, dtype=torch.float64)
+    sigma, delta = torch.rand(12, dtype=torch.float64) + 0.1, torch.randn(12) * 1e-3
+    exact = (U * torch.relu(sigma + delta.double())) @ Vh
+    ours = reconstruct(U, sigma, delta, Vh)
+    assert ours.dtype == torch.float64
+    assert (ours - exact).abs().max() <= 1e-13 * exact.abs().max()

@@ -133,6 +133,20 @@ def test_merge_equals_the_shifted_forward_and_costs_the_base(model, tmp_path, in
     torch.testing.assert_close(model(*inputs), shifted, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("layer", [nn.GroupNorm(2, 8), nn.LayerNorm(4)], ids=["group", "layer"])
+def test_shifted_norm_under_autocast_equals_its_merged_layer(layer):
+    """Under autocast the shifted scale must reach the op as the merged layer's float32 weight
+    does, not rounded to half first (a delta of 1e-3 is below bfloat16's step near 1)."""
+    torch.manual_seed(0)
+    layer.weight.data.uniform_(0.5, 1.5)
+    shifted = ShiftedNorm(layer)
+    shifted.delta.data.uniform_(-1e-3, 1e-3)
+    merged = shifted.to_plain(shifted=True)
+    x = torch.randn(2, 8, 4, 4).bfloat16()
+    with torch.autocast("cpu", torch.bfloat16), torch.no_grad():
+        assert torch.equal(shifted(x), merged(x))
+
+
 def test_detach_restores_the_original_weights(model, tmp_path, inputs):
     original = {k: v.clone() for k, v in model.state_dict().items()}
     plain_output = model(*inputs)
