@@ -62,7 +62,7 @@ from train.data import DataError, warn
 from train.single import diffusion_loss
 from train.toy import edits as toy
 from train.toy import reader as toy_reader
-from train.trainable import METHODS, make_trainable
+from train.trainable import make_trainable
 
 
 @dataclass(frozen=True)
@@ -191,7 +191,7 @@ def resolve(config: CosineConfig, model) -> CosineConfig:
     return dataclasses.replace(config, **filled)
 
 
-def check_outputs(config: CosineConfig, result_name: str | None) -> None:
+def check_outputs(config: CosineConfig) -> None:
     """Earlier edits in OUTPUT_DIR/edits are replaced only with --overwrite (or --resume, which
     makes them again); the fine-tune's files as train.single's."""
     if config.shift:
@@ -200,7 +200,7 @@ def check_outputs(config: CosineConfig, result_name: str | None) -> None:
         except ValueError as error:
             raise DataError(str(error)) from None
     else:
-        core.check_output_dir(config, result_name)
+        core.check_output_dir(config)
     edits = Path(config.output_dir) / "edits"
     if edits.is_dir() and any(edits.iterdir()) and not (config.overwrite or config.resume):
         keep = "" if config.shift else (f" (--shift {Path(config.output_dir) / 'spectral_shifts.safetensors'} "
@@ -342,8 +342,7 @@ def edit(config: CosineConfig):
     example = config.image is None
     config = with_example(config)
     check_settings(config)
-    result_name = None if config.shift else METHODS[config.method].result_name
-    check_outputs(config, result_name)
+    check_outputs(config)
     if example:  # the example scene is read back like anyone's photo
         Path(config.output_dir).mkdir(parents=True, exist_ok=True)
         toy.write_example(config.image)

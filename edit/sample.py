@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from edit.cli import check_output_dir, check_output_file, check_range, numbers
+from edit.cli import check_output_dir, check_output_file, check_range, numbers, usage_errors
 from edit.grid import save_grid
 import spectral
 from edit.shifts import GROUPS, apply_deltas, combined_deltas, layer_chooser, parse_shift, read_deltas
@@ -168,8 +168,7 @@ def variants(model, args: argparse.Namespace) -> list[tuple[str, dict | None]]:
 
 
 def run(args: argparse.Namespace) -> str:
-    """Generate the grid described by parsed arguments; returns the path written."""
-    check_args(args)
+    """Generate the grid described by parsed and checked arguments; returns the path written."""
     dtype = DTYPES[args.dtype] if args.dtype else (
         torch.float16 if torch.device(args.device).type == "cuda" else torch.float32)
     combining = bool(args.shift or args.interpolate or args.mix or args.lora)
@@ -206,7 +205,10 @@ def run(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    with usage_errors(parser):   # a bad value: the usage line and one error line, exit 2
+        check_args(args)
     start = time.perf_counter()
     try:
         path = run(args)

@@ -1,6 +1,6 @@
 """Bad inputs, every command: each case asserts the exit code, one message line (argparse's usage
-block and "warning:" lines aside), no traceback, and that every file on disk before the command
-is byte-identical after it (nothing lost).
+block and "warning:" lines aside), no traceback, that every file on disk before the command
+is byte-identical after it (nothing lost) and that no file was added.
 
 A case is (command, argv, exit code, a piece of the message). argv may name the workspace's
 files with {placeholders} (see `workspace`). Commands run in this process, through their
@@ -449,3 +449,4 @@ def test_bad_input(bad, workspace, capsys):
     assert bad.message.format(**workspace) in lines[0], lines[0]
     after = snapshot(root)
     assert {path: after.get(path) for path in before} == before, "a file on disk was changed"
+    assert after.keys() == before.keys(), f"files written: {sorted(after.keys() - before.keys())[:5]}"

@@ -143,10 +143,10 @@ def test_class_images_are_generated_once_and_reused(tmp_path):
 
     star = {"prompt": "a star", "sample_steps": 25}
     images = ensure_class_images(tmp_path, 3, star, generate, batch_size=2, seed=10, progress=False)
-    assert calls == [[10, 11], [12]] and len(images) == 3
+    assert calls == [[10, 11], [12, 13]] and len(images) == 3      # whole aligned batches
     assert ensure_class_images(tmp_path, 3, star, generate, 2, 10, False) and len(calls) == 2
-    images = ensure_class_images(tmp_path, 5, star, generate, 4, 10, False)
-    assert calls[2:] == [[13, 14]] and [im.getpixel((0, 0))[0] for im in images] == [10, 11, 12, 13, 14]
+    images = ensure_class_images(tmp_path, 5, star, generate, 2, 10, False)
+    assert calls[2:] == [[12, 13], [14, 15]] and [im.getpixel((0, 0))[0] for im in images] == [10, 11, 12, 13, 14]
     assert not list(tmp_path.glob(".*tmp"))
     # images made with other settings would teach another prior: refused, and left as they are
     before = sorted(p.read_bytes() for p in tmp_path.iterdir())
@@ -154,12 +154,31 @@ def test_class_images_are_generated_once_and_reused(tmp_path):
         ensure_class_images(tmp_path, 3, {**star, "prompt": "a dog"}, generate, 2, 10, False)
     with pytest.raises(DataError, match="made with sample_steps 25, this run uses 2"):
         ensure_class_images(tmp_path, 3, {**star, "sample_steps": 2}, generate, 2, 10, False)
-    assert sorted(p.read_bytes() for p in tmp_path.iterdir()) == before and len(calls) == 3
+    assert sorted(p.read_bytes() for p in tmp_path.iterdir()) == before and len(calls) == 4
     (tmp_path / "settings.json").unlink()     # images of unknown making: refused too
     with pytest.raises(DataError, match=r"made with prompt '\(not recorded\)'"):
         ensure_class_images(tmp_path, 3, star, generate, 2, 10, False)
     with pytest.raises(DataError, match="is a file, not a directory"):
         ensure_class_images(tmp_path / "class-00000.png", 3, star, generate, 2, 10, False)
+
+
+def test_image_i_does_not_depend_on_how_the_folder_was_filled(tmp_path):
+    """Like the trainers' generator, this one draws a batch's noise from its first seed only, so
+    image i depends on where its batch starts; batches must therefore always be the same."""
+    def generate(prompts, seeds):
+        return [Image.new("RGB", (8, 8), (seeds[0], k, 0)) for k in range(len(prompts))]
+
+    star = {"prompt": "a star"}
+    def pixels(folder):
+        return [(folder / f"class-{i:05d}.png").read_bytes() for i in range(7)]
+
+    ensure_class_images(tmp_path / "at-once", 7, star, generate, 4, 10, False)
+    ensure_class_images(tmp_path / "in-steps", 2, star, generate, 4, 10, False)      # a first run
+    ensure_class_images(tmp_path / "in-steps", 5, star, generate, 4, 10, False)      # an interruption
+    (tmp_path / "in-steps" / "class-00001.png").unlink()                              # a deleted file
+    images = ensure_class_images(tmp_path / "in-steps", 7, star, generate, 4, 10, False)
+    assert pixels(tmp_path / "in-steps") == pixels(tmp_path / "at-once") and len(images) == 7
+    assert images[5].getpixel((0, 0)) == (14, 1, 0)
 
 
 # --- the helpers shared with train.toy ---------------------------------------------------------

@@ -108,31 +108,47 @@ def test_cli_replaces_an_existing_grid_only_with_overwrite(saved, tmp_path, caps
     out.write_bytes(b"an earlier result")
     argv = ["--model", str(folder / "tiny.safetensors"), "--prompt", "a red star", "--num-images", "1",
             "--sample-steps", "1", "--output", str(out), "--quiet"]
-    assert sample.main(argv) == 2
+    with pytest.raises(SystemExit) as refused:
+        sample.main(argv)
+    assert refused.value.code == 2
     assert "--overwrite" in capsys.readouterr().err and out.read_bytes() == b"an earlier result"
     assert sample.main(argv + ["--overwrite"]) == 0
     assert Image.open(out).size[0] == 128 + 4
 
 
 def test_cli_bad_inputs(saved, tmp_path, capsys):
+    """A bad value: argparse's usage line and one error line, before the model is loaded; what
+    only the model can tell (a file that is no checkpoint, a size it cannot take): one line."""
     _, folder = saved
     model = str(folder / "tiny.safetensors")
-    cases = {
-        "no such file": ["--model", str(tmp_path / "none.ckpt"), "--prompt", "x"],
-        "--sample-steps must be": ["--model", model, "--prompt", "x", "--sample-steps", "0"],
-        "--num-images must be": ["--model", model, "--prompt", "x", "--num-images", "0"],
-        "multiple of": ["--model", model, "--prompt", "x", "--size", "34", "--sample-steps", "1"],
-        "no such folder": ["--model", model, "--prompt", "x", "--output", str(tmp_path / "a/b.png")],
-        ".png": ["--model", model, "--prompt", "x", "--output", str(tmp_path / "grid.jpg")],
-        "not a checkpoint": ["--model", str(folder / "tokenizer" / "vocab.json"), "--prompt", "x"],
-        "--device: unknown device 'gpu0'": ["--model", model, "--prompt", "x", "--device", "gpu0"],
+    bad_values = {
+        "--sample-steps must be": ["--sample-steps", "0"],
+        "--num-images must be": ["--num-images", "0"],
+        "--eta must be at most 1, got 2.0": ["--eta", "2"],
+        "no such folder": ["--output", str(tmp_path / "a/b.png")],
+        ".png": ["--output", str(tmp_path / "grid.jpg")],
+        "--device: unknown device 'gpu0'": ["--device", "gpu0"],
     }
-    for message, argv in cases.items():
-        if "--output" not in argv:
-            argv = argv + ["--output", str(tmp_path / "g.png")]
-        assert sample.main(argv + ["--quiet"]) == 2, message
+    bad_models = {
+        "no such file": ["--model", str(tmp_path / "none.ckpt")],
+        "multiple of": ["--size", "34", "--sample-steps", "1"],
+        "not a checkpoint": ["--model", str(folder / "tokenizer" / "vocab.json")],
+    }
+    for message, extra in [*bad_values.items(), *bad_models.items()]:
+        argv = ["--model", model, "--prompt", "x", "--output", str(tmp_path / "g.png"), *extra, "--quiet"]
+        try:
+            code = sample.main(argv)
+        except SystemExit as error:
+            code = error.code
         err = capsys.readouterr().err
-        assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+        assert code == 2, message
+        if message in bad_values:
+            usage, _, last = err.rstrip("\n").rpartition("\n")
+            assert usage.startswith("usage: ") and last.startswith("python -m edit.sample: error: "), err
+        else:
+            last = err.rstrip("\n")
+            assert err.startswith("error: ") and err.count("\n") == 1, err
+        assert message in last, err
 
 
 def test_cli_help():

@@ -57,6 +57,30 @@ def argv(files, out, *extra):
             "--svd-cache", files["cache"], "--output-dir", str(out), *extra]
 
 
+def test_class_images_are_shared_only_by_runs_that_would_make_the_same_ones(files, tmp_path):
+    """The default class folder's name and settings.json hold what shapes the images: besides
+    the run's settings, the base, the VAE, the prediction type and the prompt's token ids."""
+    config = single.parse_args(argv(files, tmp_path))
+    model = tiny_model("sd1")
+
+    def settings(m, prompt="a star"):
+        return single.class_image_settings(prompt, config, m, m.base_fingerprint())
+
+    def folder(m):
+        return single.default_class_dir("a star", config, m, m.base_fingerprint(), tmp_path)
+
+    base = settings(model)
+    ids = model.text_encoder.tokenize(["a star"])[0].tolist()
+    assert base["token_ids"] == ids[:len(base["token_ids"])] and len(base["token_ids"]) < len(ids)
+    assert settings(model, "a big star")["token_ids"] != base["token_ids"]
+    v_model = dataclasses.replace(model, prediction_type="v_prediction")
+    other_vae = dataclasses.replace(model, vae=tiny_model("sd1", seed=1).vae)
+    assert settings(v_model)["prediction_type"] == "v_prediction" != base["prediction_type"]
+    assert settings(other_vae)["vae_fingerprint"] != base["vae_fingerprint"]
+    assert len({folder(model), folder(v_model), folder(other_vae)}) == 3
+    assert folder(model) == folder(tiny_model("sd1"))               # the same model: shared
+
+
 def read_log(path):
     with open(path, newline="") as file:
         return list(csv.DictReader(file))
@@ -310,6 +334,21 @@ def test_an_earlier_run_is_refused_then_replaced_with_overwrite(files, tmp_path,
     assert not (out / "samples" / "step-00099.png").exists()
     assert [int(r["step"]) for r in read_log(out / "log.csv")] == [1]
     assert spectral.load_shifts(out / "spectral_shifts.safetensors")[1]["step"] == 1
+    # another --method's run replaces it whole: no shift file left to pass for this run's result
+    assert single.main(argv(files, out, "--steps", "1", "--prior-loss-weight", "0", "--method", "full")) == 2
+    assert single.main(argv(files, out, "--steps", "1", "--prior-loss-weight", "0", "--method", "full",
+                            "--overwrite")) == 0
+    assert not (out / "spectral_shifts.safetensors").exists() and (out / "checkpoint.pt").exists()
+
+
+def test_resume_in_fp16_from_a_run_saved_without_it_warns_and_continues(files, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ("--prior-loss-weight", "0", "--save-every", "1")
+    assert single.main(argv(files, out, "--steps", "1", *common)) == 0
+    capsys.readouterr()
+    assert single.main(argv(files, out, "--steps", "2", *common, "--resume", "--mixed-precision", "fp16")) == 0
+    assert "--mixed-precision differ from the checkpoint's" in capsys.readouterr().err
+    assert [int(r["step"]) for r in read_log(out / "log.csv")] == [1, 2]
 
 
 def test_defaults_follow_what_the_model_is_not_where_it_is(files, tmp_path):
@@ -329,12 +368,12 @@ def test_defaults_follow_what_the_model_is_not_where_it_is(files, tmp_path):
                                            "train_text_encoder")) == expected, path
 
 
-def test_ctrl_c_before_training_began_is_one_line_too(files, tmp_path, monkeypatch, capsys):
+def test_ctrl_c_outside_training_is_one_line_too(files, tmp_path, monkeypatch, capsys):
     def interrupted(*args):
         raise KeyboardInterrupt
     monkeypatch.setattr(single, "read_data", interrupted)   # while class images are made, say
     assert single.main(argv(files, tmp_path / "out", "--steps", "2")) == 130
-    assert error_line(capsys).startswith("interrupted before training began")
+    assert error_line(capsys).startswith("interrupted outside training; what was written so far")
 
 
 def test_resume_trains_at_the_learning_rates_given_now(files, tmp_path, capsys):
@@ -381,7 +420,7 @@ def test_instance_prompt_without_the_class_word(files, tmp_path, capsys):
     assert single.main(args) == 0  # without prior preservation there is no class to keep
 
 
-def test_resume_on_another_base_model_or_without_checkpoint(files, tmp_path, capsys):
+def test_resume_on_another_base_model_or_without_checkpoint(files, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     assert single.main(argv(files, out, "--steps", "1", "--prior-loss-weight", "0")) == 0
     args = argv(files, out, "--steps", "2", "--prior-loss-weight", "0", "--resume")
@@ -392,9 +431,11 @@ def test_resume_on_another_base_model_or_without_checkpoint(files, tmp_path, cap
     args = argv(files, out, "--steps", "2", "--prior-loss-weight", "0", "--resume", "--train-text-encoder")
     assert single.main(args) == 2
     assert "holds other trained tensors than this run makes" in error_line(capsys)
+    monkeypatch.setattr(single.core, "load_model", None)    # refused before the model is loaded
     assert single.main(argv(files, tmp_path / "fresh", "--resume")) == 2
     line = error_line(capsys)
     assert line.startswith("error: --resume:") and "no checkpoint there" in line
+    assert not (tmp_path / "fresh").exists()
 
 
 def test_bad_numbers(files, tmp_path, capsys):

@@ -44,6 +44,7 @@ from spectral.io import write_atomically
 from train import config as run_config
 from train.data import DataError, warn
 from train.log import TrainingLog, plot_losses
+from train.trainable import METHODS
 
 # Defaults that depend on what the model is (StableDiffusion.made_by, not where its file is).
 # SD: the paper's lr (DreamBooth's for a full fine-tune), torch's threads. The bundled tiny model
@@ -133,22 +134,28 @@ def generate(model, prompts: list[str], seed: int, config) -> list:
 
 # ----------------------------------------------------------------------------- the output folder
 
-def check_output_dir(config, result_name: str | None) -> list[Path]:
-    """Never replace a result silently: a folder holding an earlier run is continued with
-    --resume or replaced with --overwrite, else refused. Returns what --overwrite replaces,
-    which `Run` removes once everything else has been checked and loaded."""
+RESULT_FILES = tuple(kind.result_name for kind in METHODS.values() if kind.result_name)
+
+
+def check_output_dir(config) -> list[Path]:
+    """Never replace a result silently: a folder holding an earlier run (of any --method) is
+    continued with --resume or replaced with --overwrite, else refused; --resume without a
+    checkpoint is refused here, before the slow parts. Returns what --overwrite replaces, which
+    `Run` removes once everything else has been checked and loaded."""
     if config.resume and config.overwrite:
         raise DataError("--resume continues the run in --output-dir and --overwrite replaces it: "
                         "give one of them")
-    results = tuple(name for name in (result_name, "checkpoint.pt", "log.csv") if name)
+    results = (*RESULT_FILES, "checkpoint.pt", "log.csv")
     try:
         earlier = cli.check_output_dir(config.output_dir, results, config.overwrite or config.resume,
                                        way_out="continue it with --resume, or replace it with --overwrite")
     except ValueError as error:
         raise DataError(str(error)) from None
-    if config.resume:
-        return []
     out = Path(config.output_dir)
+    if config.resume:
+        if not (out / "checkpoint.pt").exists():
+            raise DataError(f"--resume: {out / 'checkpoint.pt'}: no checkpoint there")
+        return []
     return earlier + [out / "loss.png", *out.glob("samples/step-*.png")]
 
 
@@ -210,7 +217,8 @@ def load_checkpoint(path: Path, model, optimizer, scaler, fingerprint: str, conf
     optimizer.load_state_dict(state["optimizer"])
     for group, lr in zip(optimizer.param_groups, learning_rates):  # this run's --lr, --lr-1d
         group["lr"] = lr
-    scaler.load_state_dict(state["scaler"])
+    if state["scaler"]:   # empty when saved without fp16: an fp16 run's scaler then starts afresh
+        scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"])
     if state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -235,7 +243,7 @@ class Run:
         self.validation_prompts = list(config.validation_prompt or validation_prompts)
         self.out = Path(config.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        for path in check_output_dir(config, trainable.result_name):  # --overwrite: only now
+        for path in check_output_dir(config):  # --overwrite: only now
             path.unlink(missing_ok=True)
         model.unet.gradient_checkpointing = config.gradient_checkpointing
         model.unet.train()
@@ -351,8 +359,8 @@ def main(train, config) -> int:
     except Interrupted as error:
         print(f"\n{error}", file=sys.stderr)
         return 130
-    except KeyboardInterrupt:  # before training began (loading, the SVD, class images)
-        print("\ninterrupted before training began; class images and SVDs made so far are kept "
-              "for the next run", file=sys.stderr)
+    except KeyboardInterrupt:  # outside the training loop: loading, the SVD, class images, the measurement
+        print("\ninterrupted outside training; what was written so far (class images, SVDs, a "
+              "finished run's result) is kept", file=sys.stderr)
         return 130
     return 0

@@ -224,13 +224,17 @@ def posterior_sample(mean: torch.Tensor, std: torch.Tensor, generator: torch.Gen
 def ensure_class_images(directory: str | Path, count: int, settings: dict,
                         generate: Callable[[list[str], list[int]], list[Image.Image]],
                         batch_size: int, seed: int, progress: bool = True) -> list[Image.Image]:
-    """The first `count` images of `directory`, generating the missing ones with `generate`.
+    """The first `count` images of `directory`, class-00000.png on, generating the missing ones.
 
-    `generate(prompts, seeds)` returns one PIL image per prompt, for the seeds of image indices
-    (seed + i); images are written one by one, so an interrupted generation continues where
-    it stopped. `settings` (the prompt, and whatever else shapes the images: base model,
-    sampler steps, guidance, size, seed) are recorded in settings.json; a directory made with
-    other settings is refused, since its images would teach another prior.
+    `generate(prompts, seeds)` makes one batch, one PIL image per prompt; seeds are those of
+    its image indices (seed + i), and a generator may use only the first (one noise draw for
+    the batch). So that image i is the same however the folder was filled (at once, in two
+    runs, after an interruption or a deleted file), batches are always the aligned ones,
+    indices [k * batch_size, (k + 1) * batch_size), and only the missing images are written,
+    one by one (an interrupted generation continues where it stopped). `settings` (the
+    prompt, and whatever else shapes the images: base model, sampler steps, guidance, size,
+    seed) are recorded in settings.json; a directory made with other settings is refused,
+    since its images would teach another prior. Files of other names in it are not read.
     """
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
@@ -246,22 +250,22 @@ def ensure_class_images(directory: str | Path, count: int, settings: dict,
                             f"{recorded.get(key, '(not recorded)')!r}, this run uses {settings[key]!r}; "
                             "use another --class-dir, or delete that one to make them again")
     note.write_text(json.dumps(settings, indent=1) + "\n")
-    existing = sorted(p for p in directory.glob("class-*.png"))
-    missing = list(range(len(existing), count))
+    paths = [directory / f"class-{i:05d}.png" for i in range(count)]
+    missing = {i for i, path in enumerate(paths) if not path.exists()}
     if missing:
         from tqdm import tqdm
         prompt = settings["prompt"]
         bar = tqdm(total=len(missing), desc=f"class images '{prompt}'", disable=not progress)
-        for start in range(0, len(missing), batch_size):
-            indices = missing[start:start + batch_size]
-            images = generate([prompt] * len(indices), [seed + i for i in indices])
-            for i, image in zip(indices, images):  # a kill mid-write leaves no truncated PNG
-                write_atomically(lambda path: image.save(path, format="PNG"),
-                                 directory / f"class-{i:05d}.png")
-            bar.update(len(indices))
+        for start in sorted({i - i % batch_size for i in missing}):
+            indices = range(start, start + batch_size)
+            images = generate([prompt] * batch_size, [seed + i for i in indices])
+            for i, image in zip(indices, images):
+                if i in missing:  # written atomically: a kill mid-write leaves no truncated PNG
+                    write_atomically(lambda path: image.save(path, format="PNG"), paths[i])
+                    bar.update(1)
         bar.close()
     images = []
-    for path in sorted(directory.glob("class-*.png"))[:count]:
+    for path in paths:
         with Image.open(path) as image:
             images.append(to_rgb(image))
     return images

@@ -64,7 +64,7 @@ from train.config import SubjectConfig, option
 from train.data import DataError
 from train.single import default_class_dir, diffusion_loss, load_class_images, words
 from train.toy import subjects as toy
-from train.trainable import METHODS, make_trainable
+from train.trainable import make_trainable
 
 
 @dataclass(frozen=True)
@@ -215,7 +215,7 @@ def resolve(config: MultiConfig, model, fingerprint: str) -> MultiConfig:
     subjects = [Subject(*entry) for entry in config.subject]
     return dataclasses.replace(config, subject=tuple(
         (s.images, s.instance_prompt, s.class_prompt,
-         s.class_dir or default_class_dir(s.class_prompt, config, fingerprint, config.class_images))
+         s.class_dir or default_class_dir(s.class_prompt, config, model, fingerprint, config.class_images))
         for s in subjects))
 
 
@@ -441,7 +441,7 @@ def train(config: MultiConfig):
     check_settings(config)
     config, example = with_subjects(config)
     check_subjects(config)
-    core.check_output_dir(config, METHODS[config.method].result_name)
+    core.check_output_dir(config)
     model, fingerprint = core.load_model(config)
     config = resolve(config, model, fingerprint)
     subjects = [Subject(*entry) for entry in config.subject]

@@ -42,12 +42,13 @@ from pathlib import Path
 
 import torch
 
+from ldm.model import state_dict_fingerprint
 from train import core, data
 from train import config as run_config
 from train.config import RunConfig, SubjectConfig, option
 from train.data import DataError
 from train.toy import subjects
-from train.trainable import METHODS, make_trainable
+from train.trainable import make_trainable
 
 
 @dataclass(frozen=True)
@@ -117,23 +118,31 @@ def resolve(config: SingleConfig, model, fingerprint: str) -> SingleConfig:
     config = dataclasses.replace(config, **filled)
     if config.prior_loss_weight > 0 and config.class_dir is None:
         config = dataclasses.replace(config, class_dir=default_class_dir(config.class_prompt, config,
-                                                                         fingerprint))
+                                                                         model, fingerprint))
     return config
 
 
-def class_image_settings(prompt: str, config: RunConfig, fingerprint: str) -> dict:
+def class_image_settings(prompt: str, config: RunConfig, model, fingerprint: str) -> dict:
     """What shapes the prior images of `prompt`: recorded beside them, and in the default
-    folder's name."""
-    return {"prompt": prompt, "base_fingerprint": fingerprint,
+    folder's name. Besides the run's settings: the base (UNet + text encoder), the VAE that
+    decodes them, the prediction type the sampler reads the UNet with, and the prompt's token
+    ids (what the tokenizer makes of it; trailing padding dropped)."""
+    ids = model.text_encoder.tokenize([prompt])[0].tolist()
+    while len(ids) > 1 and ids[-1] == ids[-2]:
+        ids.pop()
+    return {"prompt": prompt, "token_ids": ids, "base_fingerprint": fingerprint,
+            "vae_fingerprint": state_dict_fingerprint(model.vae.state_dict()),
+            "prediction_type": model.prediction_type,
             "resolution": config.resolution, "sample_steps": config.sample_steps,
             "guidance": config.guidance, "mixed_precision": config.mixed_precision,
             "seed": config.seed}
 
 
-def default_class_dir(prompt: str, config: RunConfig, fingerprint: str, root: Path = CLASS_IMAGES) -> str:
+def default_class_dir(prompt: str, config: RunConfig, model, fingerprint: str,
+                      root: Path = CLASS_IMAGES) -> str:
     """root/<prompt>-<hash of what shapes the images>: shared by the runs (of any trainer) that
     would make the same images."""
-    settings = class_image_settings(prompt, config, fingerprint)
+    settings = class_image_settings(prompt, config, model, fingerprint)
     slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
     digest = hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(), digest_size=4).hexdigest()
     return str(Path(root) / f"{slug}-{digest}")
@@ -143,7 +152,7 @@ def load_class_images(model, prompt: str, directory: str, config: RunConfig, fin
     """The base model's own images of `prompt`, config.num_class_images of them, generated
     into `directory` when missing (data.ensure_class_images)."""
     images = data.ensure_class_images(
-        directory, config.num_class_images, class_image_settings(prompt, config, fingerprint),
+        directory, config.num_class_images, class_image_settings(prompt, config, model, fingerprint),
         lambda prompts, seeds: core.generate(model, prompts, seeds[0], config), 8, config.seed)
     return data.ImageSet(images, config.resolution)
 
@@ -174,7 +183,7 @@ def train(config: SingleConfig):
     example = config.instance_dir is None
     config = with_example(config)
     check_prompts(config)
-    core.check_output_dir(config, METHODS[config.method].result_name)   # before the slow parts
+    core.check_output_dir(config)   # before the slow parts
     model, fingerprint = core.load_model(config)
     config = resolve(config, model, fingerprint)
     instance, prior = read_data(model, config, fingerprint, example)
