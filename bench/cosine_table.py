@@ -38,7 +38,8 @@ from PIL import Image  # noqa: E402
 INVERSION = [cosine.Setting(eta, 0.0) for eta in (0.0, 0.5, 1.0)] + \
             [cosine.Setting(0.0, alpha) for alpha in (0.25, 0.5, 0.75)]
 FRESH = cosine.Setting(0.0, 0.0)
-METHODS = ("spectral", "none", "full")        # "none": the base model, no fine-tune
+METHODS = {"spectral": "CoSINE (spectral shifts)", "none": "no fine-tune", "full": "full UNet fine-tune"}
+SETTING_LABELS = [s.label(True) for s in INVERSION] + [FRESH.label(False)]   # the tables' rows
 STEP_COUNTS = (10, 25, 50, 100)               # the reconstruction error's DDIM steps
 
 
@@ -110,7 +111,7 @@ def report(results: dict, errors: dict, scenes: int) -> str:
         best = {k: max(by, key=lambda s: both(by[s])) for k, by in inverted.items()}
         picks[method] = best
         chosen = [r for k, s in best.items() for r in per_kind[k][s]]
-        name = {"spectral": "CoSINE (spectral shifts)", "none": "no fine-tune", "full": "full UNet fine-tune"}[method]
+        name = METHODS[method]
         lines.append(f"| {name} | inversion, best setting per kind | {share(chosen, 'success'):.0%} | "
                      f"{share(chosen, 'preserved'):.0%} | {both(chosen):.0%} | {share(chosen, 'background'):.0%} |")
         fresh = [r for r in rows if r["setting"] == FRESH.label(False)]
@@ -120,8 +121,8 @@ def report(results: dict, errors: dict, scenes: int) -> str:
     lines += ["", "Best setting per kind: " + "; ".join(
         f"{method}: " + ", ".join(f"{k} -> {s}" for k, s in best.items()) for method, best in picks.items())]
     lines += ["", "Per setting, every method: both right / background kept, all edit kinds",
-              "", "| setting | " + " | ".join(METHODS) + " |", "|---|" + "---|" * len(METHODS)]
-    for label in [s.label(True) for s in INVERSION] + [FRESH.label(False)]:
+              "", "| setting | " + " | ".join(METHODS.values()) + " |", "|---|" + "---|" * len(METHODS)]
+    for label in SETTING_LABELS:
         cells = []
         for method in METHODS:
             rows = [r for r in results[method] if r["setting"] == label]
@@ -129,7 +130,7 @@ def report(results: dict, errors: dict, scenes: int) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "Per setting (CoSINE, spectral shifts): both right / success / preserved, per edit kind",
               "", "| setting | " + " | ".join(edits.ATTRIBUTES) + " |", "|---|" + "---|" * len(edits.ATTRIBUTES)]
-    for label in [s.label(True) for s in INVERSION] + [FRESH.label(False)]:
+    for label in SETTING_LABELS:
         cells = []
         for kind in edits.ATTRIBUTES:
             rows = [r for r in results["spectral"] if r["kind"] == kind and r["setting"] == label]

@@ -6,8 +6,9 @@ Shapes: U (m, r), sigma and delta (r,), Vh (r, n); the result is (m, n) in the d
 
 This is a matrix product whose left operand is scaled column by column. The torch fallback,
 reference.shifted_weight, scales U (an (m, r) temporary) and calls matmul; the Triton kernel
-scales each U tile as it is loaded, so the scaled U never exists in memory. Both compute the scale in float32 and round the
-scaled U to the weights' dtype before the product, so they agree to float32 rounding.
+scales each U tile as it is loaded, so the scaled U never exists in memory. Both compute the
+scale in float32 and round the scaled U to the weights' dtype before the product, so they agree
+to float32 rounding; float64 tensors (sigma included) take the fallback, all in float64.
 
 No autograd here: gradients are the business of spectral/function.py, which calls `reconstruct`
 inside its own forward and backward.
@@ -33,8 +34,8 @@ except ImportError:  # triton is optional: CUDA speed-up and tests only
 
 def reconstruct_torch(U: Tensor, sigma: Tensor, delta: Tensor, Vh: Tensor) -> Tensor:
     """(U * ReLU(sigma + delta)) @ Vh with plain torch ops; (m, r), (r,), (r,), (r, n) -> (m, n):
-    the reference form's W_delta, with the scale in float32 (float64 for float64 weights) as in
-    the Triton kernel."""
+    the reference form's W_delta, with the scale in float32 as in the Triton kernel (float64 when
+    sigma is: a model moved to float64 keeps float64 accuracy)."""
     scale_dtype = torch.promote_types(sigma.dtype, torch.float32)
     return reference.shifted_weight(U, sigma.to(scale_dtype), delta.to(scale_dtype), Vh)
 

@@ -192,12 +192,10 @@ def read_checkpoint(path: Path, what: str) -> dict:
 
 
 def load_checkpoint(path: Path, model, optimizer, scaler, fingerprint: str, config) -> int:
-    """Restore a save_checkpoint file in place; returns its step. A missing file, or one from
-    another base model or another kind of run: DataError, one line."""
+    """Restore a save_checkpoint file in place; returns its step. A file from another base
+    model or another kind of run: DataError, one line."""
     what = f"--resume: {path}"
-    if not path.exists():
-        raise DataError(f"{what}: no checkpoint there")
-    state = read_checkpoint(path, what)
+    state = read_checkpoint(path, what)   # that it exists, check_output_dir made sure
     if state["step"] > config.steps:
         raise DataError(f"{what} is at step {state['step']}, past --steps {config.steps}; give "
                         f"--steps {state['step']} or more")

@@ -230,8 +230,9 @@ def ensure_class_images(directory: str | Path, count: int, settings: dict,
     its image indices (seed + i), and a generator may use only the first (one noise draw for
     the batch). So that image i is the same however the folder was filled (at once, in two
     runs, after an interruption or a deleted file), batches are always the aligned ones,
-    indices [k * batch_size, (k + 1) * batch_size), and only the missing images are written,
-    one by one (an interrupted generation continues where it stopped). `settings` (the
+    indices [k * batch_size, (k + 1) * batch_size) (up to batch_size - 1 images past `count` are
+    made and not kept), and only the missing images are written, one by one (an interrupted
+    generation continues where it stopped). `settings` (the
     prompt, and whatever else shapes the images: base model, sampler steps, guidance, size,
     seed) are recorded in settings.json; a directory made with other settings is refused,
     since its images would teach another prior. Files of other names in it are not read.

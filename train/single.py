@@ -126,7 +126,7 @@ def class_image_settings(prompt: str, config: RunConfig, model, fingerprint: str
     """What shapes the prior images of `prompt`: recorded beside them, and in the default
     folder's name. Besides the run's settings: the base (UNet + text encoder), the VAE that
     decodes them, the prediction type the sampler reads the UNet with, and the prompt's token
-    ids (what the tokenizer makes of it; trailing padding dropped)."""
+    ids (what the tokenizer makes of it; repeats at the end, SD 1's padding, dropped)."""
     ids = model.text_encoder.tokenize([prompt])[0].tolist()
     while len(ids) > 1 and ids[-1] == ids[-2]:
         ids.pop()
