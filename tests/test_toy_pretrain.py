@@ -1,6 +1,8 @@
 """train.toy.pretrain at an even smaller width: a few steps write a checkpoint that loads through
 the same path as a real SD file; resuming continues exactly. And the bundled weights load and
 sample."""
+import dataclasses
+import json
 import math
 import os
 
@@ -126,6 +128,34 @@ def test_an_earlier_run_is_continued_replaced_or_refused(tmp_path):
         start(config, resume=True)
     assert start(config, resume=True, overwrite=True)["step"] == 7
     assert (tmp_path / "out" / "toy-sd.safetensors").read_text() == "earlier"   # until the end
+
+
+def test_resume_refuses_settings_that_would_not_continue_the_run(tmp_path):
+    """Another architecture would not load, another dataset would silently reuse the cached
+    latents: refused in one line. Where files go and how long the run goes may change, but not
+    --steps once grounding has begun; a field the state's run did not have is not compared."""
+    work = tmp_path / "work"
+    config = PretrainConfig(output_dir=str(tmp_path / "out"), work_dir=str(work), steps=7)
+    work.mkdir()
+
+    def saved_at(step, **fields):
+        config_json = json.dumps(dataclasses.asdict(dataclasses.replace(config, **fields)))
+        torch.save({"stage": "unet", "step": step, "config": config_json}, work / "state.pt")
+
+    saved_at(5)
+    for change, message in ((dict(vae_ch=64), "was made with --vae-ch 32, this run gives 64"),
+                            (dict(seed=1), "was made with --seed 0, this run gives 1")):
+        with pytest.raises(ValueError, match=message):
+            start(dataclasses.replace(config, **change), resume=True)
+    assert start(dataclasses.replace(config, steps=9, threads=1, work_dir=str(work) + "/"), resume=True)
+    saved_at(8)                                     # one grounding step done
+    with pytest.raises(ValueError, match="grounding since step 7; give --steps 7"):
+        start(dataclasses.replace(config, steps=9), resume=True)
+    assert start(dataclasses.replace(config, ground_steps=4000), resume=True)["step"] == 8
+    old = dataclasses.asdict(config)
+    del old["ground_weight"]                        # a state from before grounding existed
+    torch.save({"stage": "unet", "step": 5, "config": json.dumps(old)}, work / "state.pt")
+    assert start(dataclasses.replace(config, ground_weight=0.5), resume=True)["step"] == 5
 
 
 def test_bundled_weights_load_and_sample():

@@ -112,7 +112,7 @@ class PretrainConfig:
     text_heads: int = option(2, "text encoder attention heads", minimum=1)
     # UNet + text training
     steps: int = option(16000, "UNet + text encoder steps; with --resume, more than before "
-                        "continues", minimum=1)
+                        "continues (until grounding has begun)", minimum=1)
     batch_size: int = option(32, "captioned images per UNet step", minimum=1)
     lr: float = option(6e-4, "UNet + text encoder learning rate (constant after the warmup)", minimum=0)
     warmup: int = option(200, "UNet steps of linear learning-rate warmup", minimum=1)
@@ -407,7 +407,29 @@ def start(config, resume=False, overwrite=False):
         raise ValueError(str(error)) from None
     if not isinstance(state, dict) or "stage" not in state:
         raise ValueError(f"{state_path}: not a state written by train.toy.pretrain")
+    check_resumable(config, state, state_path)
     return state
+
+
+# Flags a resumed run may change: where files go, how long it runs, how often it saves and shows.
+MAY_CHANGE_ON_RESUME = {"output_dir", "work_dir", "steps", "ground_steps", "save_every",
+                        "sample_every", "threads", "sample_steps", "guidance"}
+
+
+def check_resumable(config, state: dict, state_path: str) -> None:
+    """ValueError unless `config` continues the run of `state` exactly: the same architecture,
+    data and training settings (a field the state's run did not have yet is not compared), and
+    --steps unchanged once grounding, which starts at step --steps, has begun."""
+    saved = json.loads(state.get("config", "{}"))
+    now = json.loads(json.dumps(dataclasses.asdict(config)))
+    for name, value in now.items():
+        if name in saved and name not in MAY_CHANGE_ON_RESUME and saved[name] != value:
+            raise ValueError(f"--resume: {state_path} was made with {run_config.flag(name)} {saved[name]}, "
+                             f"this run gives {value}; resuming takes the same value")
+    grounding_began = "steps" in saved and state.get("step", 0) > saved["steps"]
+    if grounding_began and config.steps != saved["steps"]:
+        raise ValueError(f"--resume: {state_path} is grounding since step {saved['steps']}; "
+                         f"give --steps {saved['steps']} (more --ground-steps may be given)")
 
 
 def pretrain(config, resume=False, overwrite=False):
