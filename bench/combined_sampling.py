@@ -7,7 +7,9 @@ plain weights once, so the sampler runs the same layers. Goal: 1.0x.
 Two random shift files for the bundled model (same layers as train.single's result) are
 combined each way with edit.shifts, and a random rank-4 LoRA file (the layers of --method lora)
 is merged as edit.sample --lora merges it; then the base model and each merged one generate the
-same batch, alternating, and the median time of each is printed beside its ratio to the base's.
+same batch in rounds (each model once per round, each round starting with the next model; the
+first round, a warm-up, untimed), and the median time of each is printed beside its ratio to
+the base's.
 Merging itself (once per combination or file, before sampling) is timed apart.
 """
 
@@ -76,11 +78,14 @@ def main(argv=None) -> int:
         print(f"merging 'LoRA r=4': {time.perf_counter() - start:.2f} s, once")
     prompts = ["a red star on the left"] * 8
     times = {name: [] for name in models}
-    for _ in range(args.repeats):
-        for name, model in models.items():
+    names = list(models)
+    for repeat in range(1 + args.repeats):   # round 0 warms every model up and is not timed
+        turn = repeat % len(names)            # each round starts with another model: no place bias
+        for name in names[turn:] + names[:turn]:
             start = time.perf_counter()
-            model.generate(prompts, steps=25, guidance=4.0, seed=0, progress=False)
-            times[name].append(time.perf_counter() - start)
+            models[name].generate(prompts, steps=25, guidance=4.0, seed=0, progress=False)
+            if repeat:
+                times[name].append(time.perf_counter() - start)
     base = statistics.median(times["base"])
     for name, values in times.items():
         print(f"{name:>16}: median {statistics.median(values) * 1000:.0f} ms, "

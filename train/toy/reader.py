@@ -16,7 +16,8 @@ From the readings:
     prompt following = share of samples whose objects match the prompt (shape and color of
                        each object, in the right slot when the prompt names one)
     subject fidelity = share of "a sks star" samples that show the subject (pattern == subject)
-    prior drift      = share of "a star" samples that show the subject
+    prior drift      = share of "a star" samples that show the subject, plus how much more often
+                       than the base model's they come out plain in the subject's colors
 
     python -m train.toy.reader                          # the bundled model, quality-bar table
     python -m train.toy.reader --model PATH --eval-samples 100 --sample-steps 25 --guidance 4

@@ -245,7 +245,7 @@ def dataset(n, seed, start=0, **kwargs):
 
 
 def texture_scene(rng):
-    """A scene whose objects may carry random two-color patterns (not the subjects'): the
+    """A scene whose objects may carry random two-color patterns (now and then a subject's): the
     VAE, a generic image codec like SD's, learns to encode patterns; the diffusion model never
     sees them."""
     scene = sample_scene(rng)
