@@ -146,7 +146,8 @@ def test_class_images_are_generated_once_and_reused(tmp_path):
     assert calls == [[10, 11], [12, 13]] and len(images) == 3      # whole aligned batches
     assert ensure_class_images(tmp_path, 3, star, generate, 2, 10, False) and len(calls) == 2
     images = ensure_class_images(tmp_path, 5, star, generate, 2, 10, False)
-    assert calls[2:] == [[12, 13], [14, 15]] and [im.getpixel((0, 0))[0] for im in images] == [10, 11, 12, 13, 14]
+    assert calls[2:] == [[12, 13], [14, 15]]
+    assert [im.getpixel((0, 0))[0] for im in images] == [10, 11, 12, 13, 14]
     assert not list(tmp_path.glob(".*tmp"))
     # images made with other settings would teach another prior: refused, and left as they are
     before = sorted(p.read_bytes() for p in tmp_path.iterdir())

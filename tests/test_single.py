@@ -346,7 +346,8 @@ def test_resume_in_fp16_from_a_run_saved_without_it_warns_and_continues(files, t
     common = ("--prior-loss-weight", "0", "--save-every", "1")
     assert single.main(argv(files, out, "--steps", "1", *common)) == 0
     capsys.readouterr()
-    assert single.main(argv(files, out, "--steps", "2", *common, "--resume", "--mixed-precision", "fp16")) == 0
+    resumed = argv(files, out, "--steps", "2", *common, "--resume", "--mixed-precision", "fp16")
+    assert single.main(resumed) == 0
     assert "--mixed-precision differ from the checkpoint's" in capsys.readouterr().err
     assert [int(r["step"]) for r in read_log(out / "log.csv")] == [1, 2]
 

@@ -357,7 +357,7 @@ def main(train, config) -> int:
     except Interrupted as error:
         print(f"\n{error}", file=sys.stderr)
         return 130
-    except KeyboardInterrupt:  # outside the training loop: loading, the SVD, class images, the measurement
+    except KeyboardInterrupt:  # outside the loop: loading, the SVD, class images, the measurement
         print("\ninterrupted outside training; what was written so far (class images, SVDs, a "
               "finished run's result) is kept", file=sys.stderr)
         return 130

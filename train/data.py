@@ -232,10 +232,12 @@ def ensure_class_images(directory: str | Path, count: int, settings: dict,
     runs, after an interruption or a deleted file), batches are always the aligned ones,
     indices [k * batch_size, (k + 1) * batch_size) (up to batch_size - 1 images past `count` are
     made and not kept), and only the missing images are written, one by one (an interrupted
-    generation continues where it stopped). `settings` (the
-    prompt, and whatever else shapes the images: base model, sampler steps, guidance, size,
-    seed) are recorded in settings.json; a directory made with other settings is refused,
-    since its images would teach another prior. Files of other names in it are not read.
+    generation continues where it stopped).
+
+    `settings` (the prompt, and whatever else shapes the images: base model, sampler steps,
+    guidance, size, seed) are recorded in settings.json; a directory made with other settings
+    is refused, since its images would teach another prior. Files of other names in it are not
+    read.
     """
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
