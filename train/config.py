@@ -127,10 +127,10 @@ def parse(parser: argparse.ArgumentParser, config_class, argv):
 
 
 def changed_on_resume(config, saved: dict) -> list[str]:
-    """The flags whose value differs from a checkpoint's saved config and would change the
+    """The fields whose value differs from a checkpoint's saved config and would change the
     trained values (those marked same_on_resume)."""
     now = as_dict(config)
-    return [flag(f.name) for f in dataclasses.fields(config)
+    return [f.name for f in dataclasses.fields(config)
             if f.metadata["same_on_resume"] and saved.get(f.name) != now[f.name]]
 
 

@@ -222,8 +222,9 @@ def load_checkpoint(path: Path, model, optimizer, scaler, fingerprint: str, conf
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     changed = run_config.changed_on_resume(config, json.loads(state["args"]))
     if changed:
-        warn(f"--resume: {', '.join(changed)} differ from the checkpoint's; the result will not "
-             "equal an uninterrupted run")
+        flags = ", ".join(map(run_config.flag, changed))
+        warn(f"--resume: {flags} differ from the checkpoint's; the result will not equal an "
+             "uninterrupted run")
     return state["step"]
 
 

@@ -81,9 +81,9 @@ from train.toy.tokenizer import build as build_tokenizer
 class PretrainConfig:
     """Every setting of a run; each field is also a flag (vae_ch_mult: --vae-ch-mult 2,2)."""
     output_dir: str = option("weights", "where toy-sd.safetensors, tokenizer/ and pretrain_log.csv go",
-                             metavar="DIR")
+                             metavar="DIR", same_on_resume=False)
     work_dir: str = option("runs/pretrain", "resumable state, loss log and sample grids",
-                           metavar="DIR")
+                           metavar="DIR", same_on_resume=False)
     # step_generator's seeds (seed * 1_000_003 + ...) must stay below 2**64
     seed: int = option(0, "seeds the datasets, the initialization and every step's draws",
                        minimum=0, maximum=2**40)
@@ -112,7 +112,7 @@ class PretrainConfig:
     text_heads: int = option(2, "text encoder attention heads", minimum=1)
     # UNet + text training
     steps: int = option(16000, "UNet + text encoder steps; with --resume, more than before "
-                        "continues (until grounding has begun)", minimum=1)
+                        "continues (until grounding has begun)", minimum=1, same_on_resume=False)
     batch_size: int = option(32, "captioned images per UNet step", minimum=1)
     lr: float = option(6e-4, "UNet + text encoder learning rate (constant after the warmup)", minimum=0)
     warmup: int = option(200, "UNet steps of linear learning-rate warmup", minimum=1)
@@ -122,14 +122,20 @@ class PretrainConfig:
                         "at least 0, below 1", minimum=0, below=1)
     # grounding (stage 4)
     ground_steps: int = option(3000, "steps of grounding, a fine-tune of the --steps result that "
-                               "also trains where placed pairs' words look (0: none)", minimum=0)
+                               "also trains where placed pairs' words look (0: none)", minimum=0,
+                               same_on_resume=False)
     ground_weight: float = option(0.02, "weight of grounding's loss on the cross-attention", minimum=0)
     # bookkeeping
-    save_every: int = option(250, "write the resumable state every N steps", minimum=1)
-    sample_every: int = option(500, "write a sample grid every N UNet steps", minimum=1)
-    threads: int = option(0, "torch CPU threads; 0: torch's default (one per core)", minimum=0)
-    sample_steps: int = option(25, "DDIM steps of the sample grids, 1 to 999", minimum=1, maximum=999)
-    guidance: float = option(4.0, "classifier-free guidance of the sample grids", minimum=0)
+    save_every: int = option(250, "write the resumable state every N steps", minimum=1,
+                             same_on_resume=False)
+    sample_every: int = option(500, "write a sample grid every N UNet steps", minimum=1,
+                               same_on_resume=False)
+    threads: int = option(0, "torch CPU threads; 0: torch's default (one per core)", minimum=0,
+                          same_on_resume=False)
+    sample_steps: int = option(25, "DDIM steps of the sample grids, 1 to 999", minimum=1, maximum=999,
+                               same_on_resume=False)
+    guidance: float = option(4.0, "classifier-free guidance of the sample grids", minimum=0,
+                             same_on_resume=False)
 
 
 SAMPLE_PROMPTS = [
@@ -411,21 +417,18 @@ def start(config, resume=False, overwrite=False):
     return state
 
 
-# Flags a resumed run may change: where files go, how long it runs, how often it saves and shows.
-MAY_CHANGE_ON_RESUME = {"output_dir", "work_dir", "steps", "ground_steps", "save_every",
-                        "sample_every", "threads", "sample_steps", "guidance"}
-
-
 def check_resumable(config, state: dict, state_path: str) -> None:
-    """ValueError unless `config` continues the run of `state` exactly: the same architecture,
-    data and training settings (a field the state's run did not have yet is not compared), and
-    --steps unchanged once grounding, which starts at step --steps, has begun."""
+    """ValueError unless `config` continues the run of `state` exactly: the same settings but
+    those marked same_on_resume=False (where files go, how long it runs, how often it saves and
+    shows; a field the state's run did not have yet is not compared), and --steps unchanged once
+    grounding, which starts at step --steps, has begun."""
     saved = json.loads(state.get("config", "{}"))
-    now = json.loads(json.dumps(dataclasses.asdict(config)))
-    for name, value in now.items():
-        if name in saved and name not in MAY_CHANGE_ON_RESUME and saved[name] != value:
-            raise ValueError(f"--resume: {state_path} was made with {run_config.flag(name)} {saved[name]}, "
-                             f"this run gives {value}; resuming takes the same value")
+    now = run_config.as_dict(config)
+    changed = run_config.changed_on_resume(config, {**now, **saved})
+    if changed:
+        name = changed[0]
+        raise ValueError(f"--resume: {state_path} was made with {run_config.flag(name)} {saved[name]}, "
+                         f"this run gives {now[name]}; resuming takes the same value")
     grounding_began = "steps" in saved and state.get("step", 0) > saved["steps"]
     if grounding_began and config.steps != saved["steps"]:
         raise ValueError(f"--resume: {state_path} is grounding since step {saved['steps']}; "
